@@ -1,0 +1,1 @@
+"""HTTP and websocket front of the service: routes, middlewares, rendering."""

@@ -1,0 +1,315 @@
+"""REST handlers: parse, call the service, render. Paths and shapes follow the design note."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from samvad.api.keys import SERVICE
+from samvad.clock import from_micros, iso
+from samvad.errors import InvalidInput
+from samvad.ids import RESERVED_SESSION_IDS
+from samvad.models import (
+    ActiveSessions,
+    AppendMessageRequest,
+    BacklogOut,
+    CreateSessionRequest,
+    MessageAppended,
+    MessageOut,
+    ProfileOut,
+    ProfileResponse,
+    ReadyOut,
+    RefreshRequest,
+    SessionCleared,
+    SessionDeleted,
+    SessionEnded,
+    SessionOut,
+    SessionResponse,
+    SessionSaved,
+    StateResponse,
+    StateSaved,
+    StatsOut,
+    StatsResponse,
+    UserCleared,
+    UserRefreshed,
+)
+from samvad.service import Ack, SessionPersistenceService
+from samvad.store.base import SessionRecord
+from samvad.writebehind import BacklogStats
+
+M = TypeVar("M", bound=BaseModel)
+MAX_JSON_DEPTH = 32
+PARTIAL_HEADER = "X-Samvad-Partial"
+# A session id is any document id except the words of the API's own paths.
+SESSION_ID = r"{sessionId:(?!(?:" + "|".join(sorted(RESERVED_SESSION_IDS)) + r")$)[^/]+}"
+
+routes = web.RouteTableDef()
+
+
+def render(
+    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=model.model_dump_json(by_alias=True, exclude_none=True),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # over client_max_size: 413, rendered by the middleware
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    if _too_deep(data, MAX_JSON_DEPTH):
+        raise InvalidInput(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+async def parse(request: web.Request, model: type[M]) -> M:
+    data = await read_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidInput(f"{where}: {first['msg']}" if where else first["msg"]) from None
+
+
+def wants_durable(request: web.Request) -> bool:
+    flag = request.query.get("durable") or request.headers.get("X-Samvad-Durable") or ""
+    return flag.lower() in ("1", "true", "yes")
+
+
+def ack_status(ack: Ack[Any], ok: int = 200) -> int:
+    """202 when a durable write was taken but is not in Firestore yet (it stays queued)."""
+    return 202 if ack.durable is False else ok
+
+
+def service(request: web.Request) -> SessionPersistenceService:
+    return request.app[SERVICE]
+
+
+def _ts(us: int | None) -> str | None:
+    return iso(from_micros(us)) if us is not None else None
+
+
+def session_out(record: SessionRecord) -> SessionOut:
+    return SessionOut(
+        id=record.session_id,
+        user_id=record.user_id,
+        language=record.language,
+        metadata=record.metadata,
+        is_active=record.is_active,
+        created_at=iso(from_micros(record.created_us)),
+        last_activity=iso(from_micros(record.last_activity_us)),
+        ended_at=_ts(record.ended_us),
+    )
+
+
+def backlog_out(stats: BacklogStats) -> BacklogOut:
+    return BacklogOut(
+        entries=stats.entries, bytes=stats.bytes, oldest_age_seconds=round(stats.oldest_age, 3)
+    )
+
+
+def _partial(partial: bool) -> dict[str, str] | None:
+    return {PARTIAL_HEADER: "true"} if partial else None
+
+
+# ---- health -------------------------------------------------------------------------------------
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    svc = service(request)
+    accepting = not svc.writer.full and svc.writer.accepting
+    body = ReadyOut(
+        ready=accepting,
+        firestore_reachable=svc.health.reachable,
+        backlog=backlog_out(svc.writer.stats()),
+        accepting_writes=accepting,
+    )
+    return render(body, 200 if accepting else 503)
+
+
+# ---- the API paths that are not ids come first ---------------------------------------------------
+
+
+@routes.get("/api/session/stats")
+async def get_stats(request: web.Request) -> web.Response:
+    stats = await service(request).get_stats()
+    out = StatsOut(
+        active_users=stats.active_users,
+        active_sessions=stats.active_sessions,
+        total_profiles=stats.total_profiles,
+        total_interruptions=stats.total_interruptions,
+        backlog=backlog_out(stats.backlog),
+        firestore_reachable=stats.firestore_reachable,
+        age_seconds=round(stats.age, 3),
+    )
+    return render(StatsResponse(stats=out))
+
+
+@routes.post("/api/session/create")
+async def create_session(request: web.Request) -> web.Response:
+    body = await parse(request, CreateSessionRequest)
+    ack, created = await service(request).save_session(
+        body.session_id, body.user_id, body.language, body.metadata, wants_durable(request)
+    )
+    record = ack.value
+    out = SessionSaved(
+        message="Session created successfully" if created else "Session updated successfully",
+        session_id=record.session_id,
+        user_id=record.user_id,
+        language=record.language,
+        metadata=record.metadata,
+        created=created,
+        durable=ack.durable,
+    )
+    return render(out, ack_status(ack, 201 if created else 200))
+
+
+@routes.post("/api/session/refresh")
+async def refresh_user(request: web.Request) -> web.Response:
+    body = await parse(request, RefreshRequest)
+    report = await service(request).clear_user_data(body.user_id)
+    cleared = UserCleared(
+        user_state=report.user_state,
+        user_profile=report.user_profile,
+        sessions=report.sessions,
+        interruptions=report.interruptions,
+    )
+    out = UserRefreshed(
+        message="User data cleared successfully", user_id=body.user_id, cleared=cleared
+    )
+    return render(out)
+
+
+@routes.get("/api/session/user/{userId}/active")
+async def active_sessions(request: web.Request) -> web.Response:
+    user_id = request.match_info["userId"]
+    found = await service(request).get_user_active_sessions(user_id)
+    out = ActiveSessions(
+        user_id=user_id,
+        count=len(found.sessions),
+        sessions=[session_out(s) for s in found.sessions],
+    )
+    return render(out, headers=_partial(found.partial))
+
+
+# ---- per user ------------------------------------------------------------------------------------
+
+
+@routes.post("/api/session/{userId}/state")
+async def save_state(request: web.Request) -> web.Response:
+    user_id = request.match_info["userId"]
+    data = await read_object(request)
+    ack = await service(request).save_user_state(user_id, data, wants_durable(request))
+    out = StateSaved(message="User state saved successfully", user_id=user_id, durable=ack.durable)
+    return render(out, ack_status(ack))
+
+
+@routes.get("/api/session/{userId}/state")
+async def get_state(request: web.Request) -> web.Response:
+    user_id = request.match_info["userId"]
+    state = await service(request).get_user_state(user_id)
+    shown = {**state.data, "updatedAt": iso(from_micros(state.updated_us)), "isActive": True}
+    return render(StateResponse(user_id=user_id, state=shown))
+
+
+@routes.get("/api/session/{userId}/profile")
+async def get_profile(request: web.Request) -> web.Response:
+    user_id = request.match_info["userId"]
+    view = await service(request).get_user_profile(user_id)
+    profile = ProfileOut(
+        user_id=user_id,
+        conversation_history=[
+            MessageOut(role=m.role, content=m.content, timestamp=iso(from_micros(m.at_us)))
+            for m in view.messages
+        ],
+        preferences=view.preferences,
+        history_length=len(view.messages),
+        created_at=iso(from_micros(view.created_us)),
+        last_updated=iso(from_micros(view.updated_us)),
+    )
+    return render(ProfileResponse(user_id=user_id, profile=profile), headers=_partial(view.partial))
+
+
+@routes.post("/api/session/{userId}/history")
+async def append_history(request: web.Request) -> web.Response:
+    user_id = request.match_info["userId"]
+    body = await parse(request, AppendMessageRequest)
+    ack = await service(request).append_to_user_history(
+        user_id, body.role, body.content, wants_durable(request)
+    )
+    out = MessageAppended(
+        message="Message appended to history",
+        user_id=user_id,
+        timestamp=iso(from_micros(ack.value.at_us)),
+        durable=ack.durable,
+    )
+    return render(out, ack_status(ack))
+
+
+# ---- per session ---------------------------------------------------------------------------------
+
+
+@routes.get("/api/session/" + SESSION_ID)
+async def get_session(request: web.Request) -> web.Response:
+    record = await service(request).get_session(request.match_info["sessionId"])
+    return render(SessionResponse(session=session_out(record)))
+
+
+@routes.put("/api/session/" + SESSION_ID + "/end")
+async def end_session(request: web.Request) -> web.Response:
+    ack = await service(request).end_session(
+        request.match_info["sessionId"], wants_durable(request)
+    )
+    out = SessionEnded(
+        message="Session ended successfully",
+        session_id=ack.value.session_id,
+        ended_at=iso(from_micros(ack.value.ended_us or ack.value.updated_us)),
+        durable=ack.durable,
+    )
+    return render(out, ack_status(ack))
+
+
+@routes.delete("/api/session/" + SESSION_ID)
+async def delete_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["sessionId"]
+    report = await service(request).clear_session(session_id)
+    out = SessionDeleted(
+        message="Session cleared successfully",
+        session_id=session_id,
+        cleared=SessionCleared(session=True, interruptions=report.interruptions),
+    )
+    return render(out)

@@ -1,0 +1,43 @@
+"""The app factory: everything the server needs is built here and kept on typed AppKeys."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from samvad.api.keys import SERVICE, SETTINGS
+from samvad.api.middlewares import errors
+from samvad.api.routes import routes
+from samvad.clock import Clock
+from samvad.config import Settings
+from samvad.service import SessionPersistenceService
+from samvad.store.base import Store
+
+StoreFactory = Callable[[Settings], Store]
+
+
+def firestore_store(settings: Settings) -> Store:
+    from samvad.store.firestore import FirestoreStore  # keeps google.cloud out of other imports
+
+    return FirestoreStore.connect(settings.project, timeout=settings.store_timeout)
+
+
+def create_app(
+    settings: Settings,
+    store_factory: StoreFactory = firestore_store,
+    clock: Clock | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors])
+    app[SETTINGS] = settings
+
+    async def service_ctx(app: web.Application) -> AsyncIterator[None]:
+        service = SessionPersistenceService(store_factory(settings), settings, clock=clock)
+        await service.start()
+        app[SERVICE] = service
+        yield
+        await service.close()
+
+    app.cleanup_ctx.append(service_ctx)
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,85 @@
+"""One settings object, read from the environment once, in the app factory's caller."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Largest message content a single history chunk document can always hold with room to spare
+# (Firestore's document limit is 1 MiB; chunks are filled to about 800 KB).
+MAX_MESSAGE_BYTES_LIMIT = 512 * 1024
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    project: str = "samvad-local"
+    emulator_host: str | None = None
+    log_level: str = "INFO"
+
+    cache_ttl: float = Field(default=1800.0, gt=0, description="seconds an entry stays cached")
+    cache_size: int = Field(default=50_000, ge=1, description="entries per cache")
+    history_cap: int = Field(default=100, ge=1, le=10_000)
+    max_message_bytes: int = Field(default=64 * 1024, ge=1, le=MAX_MESSAGE_BYTES_LIMIT)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_state_bytes: int = Field(default=256 * 1024, ge=1024, le=MAX_MESSAGE_BYTES_LIMIT)
+    interruptions_per_session: int = Field(default=3, ge=1)
+
+    # write-behind
+    flush_delay: float = Field(default=0.2, ge=0, description="wait before a first flush")
+    flush_interval: float = Field(default=1.0, ge=0, description="least time between flushes")
+    flush_concurrency: int = Field(default=16, ge=1)
+    backlog_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    retry_base: float = Field(default=0.2, gt=0)
+    retry_max: float = Field(default=10.0, gt=0)
+    shutdown_flush_budget: float = Field(default=8.0, gt=0)
+    durable_timeout: float = Field(default=5.0, gt=0)
+    store_timeout: float = Field(default=5.0, gt=0, description="deadline of one store call")
+
+    # cross-instance freshness
+    sync_interval: float = Field(default=1.0, ge=0, description="0 turns the change feed off")
+    stats_ttl: float = Field(default=2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.retry_max < self.retry_base:
+            raise ValueError("SAMVAD_RETRY_MAX must be at least SAMVAD_RETRY_BASE")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        plain = {"HOST": "host", "PORT": "port", "FIRESTORE_EMULATOR_HOST": "emulator_host"}
+        for var, field in plain.items():
+            if env.get(var):
+                values[field] = env[var]
+        project = env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCLOUD_PROJECT")
+        if project:
+            values["project"] = project
+        for field in cls.model_fields:
+            var = f"SAMVAD_{field.upper()}"
+            if var in env:
+                values[field] = env[var]
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_env_name(str(err['loc'][0]) if err['loc'] else '')}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ValueError(f"invalid configuration: {problems}") from None
+
+
+def _env_name(field: str) -> str:
+    return {
+        "host": "HOST",
+        "port": "PORT",
+        "project": "GOOGLE_CLOUD_PROJECT",
+        "emulator_host": "FIRESTORE_EMULATOR_HOST",
+    }.get(field, f"SAMVAD_{field.upper()}")

@@ -1,0 +1,579 @@
+"""SessionPersistenceService: the cache, the write-behind and the history cap, over a Store.
+
+Reads come from what this instance holds (pending writes first, then a TTL cache), then from
+the store. Writes are acknowledged once they are pending in memory: visible to every later
+read here, and persisted by the WriteBehind. A change feed from the store invalidates cached
+entries that other instances changed, so a 30-minute cache never serves another instance's
+stale data for longer than about `sync_interval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
+
+from cachetools import TTLCache
+
+from samvad.clock import Clock, MonotonicIds, SystemClock, monotonic
+from samvad.config import Settings
+from samvad.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, StoreUnavailable
+from samvad.health import StoreHealth
+from samvad.ids import check_id, check_session_id, new_session_id
+from samvad.interruptions import Interruption, InterruptionContextManager
+from samvad.store.base import (
+    Change,
+    Message,
+    Profile,
+    SessionRecord,
+    Store,
+    StoreCounts,
+    UserState,
+    newest,
+)
+from samvad.writebehind import BacklogStats, WriteBehind
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ROLES = frozenset({"user", "assistant", "system"})
+# One history flush stays well under Firestore's 10 MiB transaction limit.
+FLUSH_SLICE_BYTES = 4 * 1024 * 1024
+_MISS: Any = object()
+
+
+@dataclass(frozen=True)
+class Ack(Generic[T]):
+    """A write taken. `durable`: None when not asked for, else whether it is in the store."""
+
+    value: T
+    durable: bool | None = None
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    user_id: str
+    messages: tuple[Message, ...]
+    preferences: dict[str, Any]
+    created_us: int
+    updated_us: int
+    partial: bool = False  # the store was unreachable: only what this instance holds
+
+
+@dataclass(frozen=True)
+class SessionList:
+    sessions: list[SessionRecord]
+    partial: bool = False
+
+
+@dataclass(frozen=True)
+class ClearReport:
+    user_state: bool
+    user_profile: bool
+    sessions: int
+    interruptions: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    active_users: int
+    active_sessions: int
+    total_profiles: int
+    total_interruptions: int
+    backlog: BacklogStats
+    firestore_reachable: bool
+    age: float  # seconds since the store counts were taken
+
+
+class _LastWriteWins:
+    def __init__(self, stamp: Callable[[Any], int]) -> None:
+        self._stamp = stamp
+
+    def merge(self, pending: Any, new: Any) -> Any:
+        return new
+
+    def remaining(self, pending: Any, flushed: Any) -> Any:
+        return None if pending is flushed else pending
+
+    def keep_after(self, pending: Any, at_us: int) -> Any:
+        return pending if self._stamp(pending) > at_us else None
+
+    def size(self, value: Any) -> int:
+        return int(value.nbytes)
+
+
+class _HistoryAppends:
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+
+    def merge(
+        self, pending: tuple[Message, ...] | None, new: tuple[Message, ...]
+    ) -> tuple[Message, ...]:
+        # Appends beyond the newest `cap` could never be served: they need not be written.
+        return newest((*(pending or ()), *new), self._cap)
+
+    def remaining(
+        self, pending: tuple[Message, ...], flushed: tuple[Message, ...]
+    ) -> tuple[Message, ...] | None:
+        done = {m.id for m in flushed}
+        return tuple(m for m in pending if m.id not in done) or None
+
+    def keep_after(self, pending: tuple[Message, ...], at_us: int) -> tuple[Message, ...] | None:
+        return tuple(m for m in pending if m.at_us > at_us) or None
+
+    def size(self, value: tuple[Message, ...]) -> int:
+        return sum(m.nbytes for m in value)
+
+
+class SessionPersistenceService:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        clock: Clock | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.instance_id = instance_id or secrets.token_hex(4)
+        self._stamps = MonotonicIds(self.clock)
+        self.health = StoreHealth(store.ping, settings.retry_base, settings.retry_max)
+        self.writer = WriteBehind(
+            self.health,
+            flush_delay=settings.flush_delay,
+            flush_interval=settings.flush_interval,
+            concurrency=settings.flush_concurrency,
+            max_bytes=settings.backlog_max_bytes,
+        )
+        self.writer.register("state", _LastWriteWins(lambda s: s.updated_us), self._flush_state)
+        self.writer.register("history", _HistoryAppends(settings.history_cap), self._flush_history)
+        self.writer.register("session", _LastWriteWins(lambda s: s.updated_us), self._flush_session)
+        self.interruptions = InterruptionContextManager(settings.interruptions_per_session)
+        size, ttl = settings.cache_size, settings.cache_ttl
+        self._states: TTLCache[str, UserState | None] = TTLCache(size, ttl)
+        self._profiles: TTLCache[str, Profile | None] = TTLCache(size, ttl)
+        self._sessions: TTLCache[str, SessionRecord | None] = TTLCache(size, ttl)
+        self._loads: dict[Hashable, asyncio.Task[Any]] = {}
+        self._counts: StoreCounts | None = None
+        self._counts_at = 0.0
+        self._counts_task: asyncio.Task[StoreCounts] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.writer.start()
+        if self.settings.sync_interval > 0:
+            self._sync_task = asyncio.get_running_loop().create_task(
+                self._sync_loop(), name="change-feed"
+            )
+
+    async def close(self) -> bool:
+        """Flush within the shutdown budget, then stop. True if nothing acknowledged was lost."""
+        flushed = await self.writer.drain(self.settings.shutdown_flush_budget)
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        await self.writer.close()
+        await self.health.close()
+        await self.store.close()
+        return flushed
+
+    def now_us(self) -> int:
+        return self._stamps.next_micros()
+
+    # ---- user state ---------------------------------------------------------------------------
+
+    async def save_user_state(
+        self, user_id: str, data: dict[str, Any], durable: bool = False
+    ) -> Ack[UserState]:
+        check_id("userId", user_id)
+        state = UserState(user_id=user_id, data=data, updated_us=self.now_us())
+        if state.nbytes > self.settings.max_state_bytes:
+            raise PayloadTooLarge(f"state is over {self.settings.max_state_bytes} bytes")
+        waiter = self.writer.submit(("state", user_id), state, durable)
+        return Ack(state, await self._settle(waiter))
+
+    async def get_user_state(self, user_id: str) -> UserState:
+        check_id("userId", user_id)
+        state = self.writer.pending(("state", user_id))
+        if state is None:
+            state = await self._cached(self._states, user_id, lambda: self.store.get_state(user_id))
+        if state is None:
+            raise NotFound("no state for this user")
+        return state  # type: ignore[no-any-return]
+
+    # ---- history ------------------------------------------------------------------------------
+
+    async def append_to_user_history(
+        self, user_id: str, role: str, content: str, durable: bool = False
+    ) -> Ack[Message]:
+        check_id("userId", user_id)
+        if role not in ROLES:
+            raise InvalidInput("role must be one of: user, assistant, system")
+        if not content.strip():
+            raise InvalidInput("content must not be empty")
+        if len(content.encode()) > self.settings.max_message_bytes:
+            raise PayloadTooLarge(f"content is over {self.settings.max_message_bytes} bytes")
+        at_us = self.now_us()
+        message = Message(
+            id=f"{at_us:017d}-{self.instance_id}", role=role, content=content, at_us=at_us
+        )
+        waiter = self.writer.submit(("history", user_id), (message,), durable)
+        return Ack(message, await self._settle(waiter))
+
+    async def get_user_profile(self, user_id: str) -> ProfileView:
+        check_id("userId", user_id)
+        pending: tuple[Message, ...] = self.writer.pending(("history", user_id)) or ()
+        partial = False
+        try:
+            base: Profile | None = await self._cached(
+                self._profiles,
+                user_id,
+                lambda: self.store.get_profile(user_id, self.settings.history_cap),
+            )
+        except StoreUnavailable:
+            if not pending:
+                raise
+            base, partial = None, True
+        if base is None and not pending:
+            raise NotFound("no profile for this user")
+        stored = base.messages if base else ()
+        messages = newest((*stored, *pending), self.settings.history_cap)
+        stamps = [m.at_us for m in pending]
+        if base is not None:
+            stamps += [base.created_us, base.updated_us]
+        return ProfileView(
+            user_id=user_id,
+            messages=messages,
+            preferences=await self._preferences(user_id),
+            created_us=min(stamps),
+            updated_us=max(stamps),
+            partial=partial,
+        )
+
+    async def _preferences(self, user_id: str) -> dict[str, Any]:
+        """Preferences are read from the user's state: its `preferences` and `language`."""
+        try:
+            state = await self.get_user_state(user_id)
+        except (NotFound, StoreUnavailable):
+            return {}
+        prefs = state.data.get("preferences")
+        result: dict[str, Any] = dict(prefs) if isinstance(prefs, dict) else {}
+        if isinstance(state.data.get("language"), str):
+            result.setdefault("language", state.data["language"])
+        return result
+
+    # ---- sessions -----------------------------------------------------------------------------
+
+    async def save_session(
+        self,
+        session_id: str | None,
+        user_id: str,
+        language: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        durable: bool = False,
+    ) -> tuple[Ack[SessionRecord], bool]:
+        """Create or update a session. Returns the ack and whether the session is new."""
+        session_id = check_session_id(session_id) if session_id is not None else new_session_id()
+        check_id("userId", user_id)
+        try:
+            existing: SessionRecord | None = await self.get_session(session_id)
+        except NotFound:
+            existing = None
+        except StoreUnavailable:
+            existing = None  # unknown: the store keeps the first createdAt when this lands
+        if existing is not None and existing.user_id != user_id:
+            raise Conflict("this sessionId belongs to another user")
+        now = self.now_us()
+        record = SessionRecord(
+            session_id=session_id,
+            user_id=user_id,
+            language=language
+            if language is not None
+            else (existing.language if existing else None),
+            metadata=metadata if metadata is not None else (existing.metadata if existing else {}),
+            is_active=True,
+            created_us=existing.created_us if existing else now,
+            last_activity_us=now,
+            ended_us=None,
+            updated_us=now,
+        )
+        waiter = self.writer.submit(("session", session_id), record, durable)
+        return Ack(record, await self._settle(waiter)), existing is None
+
+    async def get_session(self, session_id: str) -> SessionRecord:
+        check_session_id(session_id)
+        record = self.writer.pending(("session", session_id))
+        if record is None:
+            record = await self._cached(
+                self._sessions, session_id, lambda: self.store.get_session(session_id)
+            )
+        if record is None:
+            raise NotFound("no such session")
+        return record  # type: ignore[no-any-return]
+
+    async def end_session(self, session_id: str, durable: bool = False) -> Ack[SessionRecord]:
+        record = await self.get_session(session_id)
+        if not record.is_active:
+            return Ack(record, True if durable else None)
+        now = self.now_us()
+        ended = replace(record, is_active=False, ended_us=now, last_activity_us=now, updated_us=now)
+        waiter = self.writer.submit(("session", session_id), ended, durable)
+        return Ack(ended, await self._settle(waiter))
+
+    async def get_user_active_sessions(self, user_id: str) -> SessionList:
+        check_id("userId", user_id)
+        pending = {
+            sid: rec for sid, rec in self.writer.pending_of("session") if rec.user_id == user_id
+        }
+        partial = False
+        try:
+            stored = await self._store_call(lambda: self.store.active_sessions(user_id))
+        except StoreUnavailable:
+            if not pending:
+                raise
+            stored, partial = [], True
+        merged = {s.session_id: s for s in stored}
+        merged.update(pending)
+        active = sorted(
+            (s for s in merged.values() if s.is_active),
+            key=lambda s: s.last_activity_us,
+            reverse=True,
+        )
+        return SessionList(active, partial)
+
+    # ---- wipes --------------------------------------------------------------------------------
+
+    async def clear_user_data(self, user_id: str) -> ClearReport:
+        """Wipe everything of a user, in the store first: acknowledged only once it is final."""
+        check_id("userId", user_id)
+        self.health.check()
+        pending_sessions = [
+            sid for sid, rec in self.writer.pending_of("session") if rec.user_id == user_id
+        ]
+        keys = [("state", user_id), ("history", user_id)]
+        keys += [("session", sid) for sid in pending_sessions]
+        had_state = self.writer.pending(("state", user_id)) is not None
+        had_history = self.writer.pending(("history", user_id)) is not None
+        at_us = self.now_us()
+        async with self.writer.hold(keys):
+            report = await self._store_call(lambda: self.store.wipe_user(user_id, at_us))
+            for key in keys:
+                self.writer.discard_before(key, at_us)
+        self._states[user_id] = None
+        self._profiles[user_id] = None
+        sessions = set(report.session_ids) | set(pending_sessions)
+        for sid in sessions:
+            self._sessions[sid] = None
+        interruptions = self.interruptions.clear_user(user_id)
+        interruptions += sum(self.interruptions.clear_session(sid) for sid in sessions)
+        self._counts_at = 0.0  # the dashboard should see a wipe at once
+        return ClearReport(
+            user_state=report.user_state or had_state,
+            user_profile=report.user_profile or had_history,
+            sessions=len(sessions),
+            interruptions=interruptions,
+        )
+
+    async def clear_session(self, session_id: str) -> ClearReport:
+        await self.get_session(session_id)  # 404 before any write
+        key = ("session", session_id)
+        at_us = self.now_us()
+        async with self.writer.hold([key]):
+            await self._store_call(lambda: self.store.delete_session(session_id, at_us))
+            self.writer.discard_before(key, at_us)
+        self._sessions[session_id] = None
+        self._counts_at = 0.0
+        return ClearReport(
+            user_state=False,
+            user_profile=False,
+            sessions=1,
+            interruptions=self.interruptions.clear_session(session_id),
+        )
+
+    # ---- interruptions ------------------------------------------------------------------------
+
+    def push_interruption(
+        self, session_id: str, user_id: str, data: dict[str, Any]
+    ) -> Interruption:
+        return self.interruptions.push(session_id, user_id, data, self.now_us())
+
+    # ---- stats --------------------------------------------------------------------------------
+
+    async def get_stats(self) -> Stats:
+        counts, taken_at = await self._store_counts()
+        return Stats(
+            active_users=counts.active_users,
+            active_sessions=counts.active_sessions,
+            total_profiles=counts.profiles,
+            total_interruptions=self.interruptions.total,
+            backlog=self.writer.stats(),
+            firestore_reachable=self.health.reachable,
+            age=monotonic() - taken_at,
+        )
+
+    async def _store_counts(self) -> tuple[StoreCounts, float]:
+        """Counts at most `stats_ttl` old; one count query at a time however many pollers ask."""
+        fresh = monotonic() - self._counts_at < self.settings.stats_ttl
+        if self._counts is not None and fresh:
+            return self._counts, self._counts_at
+        if self._counts_task is None or self._counts_task.done():
+            self._counts_task = asyncio.get_running_loop().create_task(
+                self._store_call(self.store.counts)
+            )
+        try:
+            counts = await asyncio.shield(self._counts_task)
+        except StoreUnavailable:
+            if self._counts is None:
+                raise
+            return self._counts, self._counts_at  # stale, and `age` says by how much
+        self._counts, self._counts_at = counts, monotonic()
+        return counts, self._counts_at
+
+    # ---- store access -------------------------------------------------------------------------
+
+    async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        self.health.check()
+        try:
+            result = await call()
+        except StoreUnavailable as exc:
+            self.health.record_failure(exc)
+            raise
+        self.health.record_success()
+        return result
+
+    async def _cached(
+        self, cache: TTLCache[str, Any], key: str, fetch: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """The cached value, or one store read shared by every concurrent caller."""
+        hit = cache.get(key, _MISS)
+        if hit is not _MISS:
+            self.cache_hits += 1
+            return hit
+        self.cache_misses += 1
+        load_key = (id(cache), key)
+        task = self._loads.get(load_key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(cache, key, fetch))
+            self._loads[load_key] = task
+            task.add_done_callback(lambda _: self._loads.pop(load_key, None))
+        return await asyncio.shield(task)
+
+    async def _load(
+        self, cache: TTLCache[str, Any], key: str, fetch: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        value = await self._store_call(fetch)
+        current = cache.get(key, _MISS)
+        if (
+            current is not _MISS
+            and current is not None
+            and (value is None or current.version >= value.version)
+        ):
+            return current  # a flush cached something at least as new while we read
+        cache[key] = value
+        return value
+
+    async def _settle(self, waiter: asyncio.Future[None] | None) -> bool | None:
+        if waiter is None:
+            return None
+        try:
+            async with asyncio.timeout(self.settings.durable_timeout):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---- flushes (called by the WriteBehind) --------------------------------------------------
+
+    async def _flush_state(self, user_id: str, state: UserState) -> UserState:
+        version = await self.store.put_state(state)
+        if version is None:
+            self._states.pop(user_id, None)  # a newer write or a wipe won: read it again
+        else:
+            self._states[user_id] = replace(state, version=version)
+        return state
+
+    async def _flush_history(
+        self, user_id: str, pending: tuple[Message, ...]
+    ) -> tuple[Message, ...]:
+        batch, size = pending, 0
+        for i, message in enumerate(pending):
+            size += message.nbytes
+            if size > FLUSH_SLICE_BYTES and i > 0:
+                batch = pending[:i]
+                break
+        cap = self.settings.history_cap
+        version = await self.store.append_messages(user_id, batch, cap)
+        base = self._profiles.get(user_id, _MISS)
+        if version is not None and base is None and version == 1:
+            self._profiles[user_id] = Profile(
+                user_id, batch[0].at_us, batch[-1].at_us, newest(batch, cap), version
+            )
+        elif version is not None and isinstance(base, Profile) and base.version == version - 1:
+            self._profiles[user_id] = Profile(
+                user_id,
+                min(base.created_us, batch[0].at_us),
+                max(base.updated_us, batch[-1].at_us),
+                newest((*base.messages, *batch), cap),
+                version,
+            )
+        else:
+            self._profiles.pop(user_id, None)  # someone else wrote too: read it again
+        return batch
+
+    async def _flush_session(self, session_id: str, record: SessionRecord) -> SessionRecord:
+        version = await self.store.put_session(record)
+        if version is None:
+            self._sessions.pop(session_id, None)
+        else:
+            self._sessions[session_id] = replace(record, version=version)
+        return record
+
+    # ---- the change feed ----------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        cursor: Any = None
+        while True:
+            await asyncio.sleep(self.settings.sync_interval)
+            if not self.health.reachable:
+                continue
+            try:
+                batch = await self.store.changes_since(cursor)
+            except StoreUnavailable as exc:
+                self.health.record_failure(exc)
+                continue
+            except Exception:
+                log.exception("change feed failed")
+                continue
+            cursor = batch.cursor
+            for change in batch.changes:
+                self.apply_change(change)
+
+    def apply_change(self, change: Change) -> None:
+        """Forget what another writer made stale. Our own writes carry versions we hold."""
+        caches: dict[str, TTLCache[str, Any]] = {
+            "state": self._states,
+            "profile": self._profiles,
+            "session": self._sessions,
+        }
+        if change.kind in caches:
+            cache = caches[change.kind]
+            cached = cache.get(change.key, _MISS)
+            if cached is not _MISS and (cached is None or cached.version < change.version):
+                del cache[change.key]
+        elif change.kind == "user_wiped":
+            self._states.pop(change.key, None)
+            self._profiles.pop(change.key, None)
+            for sid, rec in list(self._sessions.items()):
+                if rec is not None and rec.user_id == change.key:
+                    self._sessions.pop(sid, None)
+            self.interruptions.clear_user(change.key, before_us=change.version)
+        elif change.kind == "session_deleted":
+            self._sessions.pop(change.key, None)
+            self.interruptions.clear_session(change.key, before_us=change.version)

@@ -1,0 +1,518 @@
+"""The Store over Google Cloud Firestore (AsyncClient). The only module that imports google.cloud.
+
+Layout (collections as in the design note, plus two for correctness):
+- user_states/{userId}         {userId, stateJson, updatedAt, isActive, version, committedAt}
+- user_profiles/{userId}       {userId, createdAt, lastUpdated, version, committedAt,
+                                tail: [message], chunks: [{id, count, minId, maxId, bytes}],
+                                nextChunk}
+- user_profiles/{userId}/history/{chunkId}   {messages: [message], count, minId, maxId}
+- sessions/{sessionId}         {sessionId, userId, language, metadataJson, isActive, createdAt,
+                                lastActivity, endedAt, updatedAt, version, committedAt}
+- active_users/{userId}        {userId, sessionIds}: one document per user with an active
+                                session, so that activeUsers is a count() and not a scan
+- wiped_users/{userId}, deleted_sessions/{sessionId}   {at, committedAt}: tombstones that every
+                                transactional write reads, so no late write resurrects a wipe
+
+State and metadata are stored as JSON text: arbitrary client JSON (nested arrays, "__x__" keys,
+huge integers) is not always a valid Firestore value, and it is opaque to queries anyway.
+The newest messages live inline in the profile document, so a coalesced flush is one document
+write; when the tail outgrows TAIL_BUDGET its oldest messages spill into a chunk document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from google.api_core import exceptions as gexc
+from google.cloud.firestore_v1 import SERVER_TIMESTAMP, AsyncClient
+from google.cloud.firestore_v1.async_transaction import AsyncTransaction, async_transactional
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from samvad.clock import from_micros, to_micros
+from samvad.errors import StoreError, StoreUnavailable
+from samvad.store.base import (
+    CHUNK_BUDGET,
+    TAIL_BUDGET,
+    Change,
+    ChangeBatch,
+    ChangeKind,
+    Message,
+    Profile,
+    SessionRecord,
+    StoreCounts,
+    UserState,
+    WipeReport,
+    newest,
+)
+
+T = TypeVar("T")
+
+STATES = "user_states"
+PROFILES = "user_profiles"
+HISTORY = "history"
+SESSIONS = "sessions"
+ACTIVE_USERS = "active_users"
+WIPED_USERS = "wiped_users"
+DELETED_SESSIONS = "deleted_sessions"
+TOMBSTONE_RETENTION = timedelta(days=30)
+BATCH_LIMIT = 400
+CHANGE_PAGE = 1000
+CHANGE_OVERLAP = timedelta(seconds=1)
+
+_RETRYABLE = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.Aborted,
+    gexc.ResourceExhausted,
+    gexc.Unknown,
+    gexc.RetryError,
+    gexc.GatewayTimeout,
+    TimeoutError,
+    ConnectionError,
+)
+
+
+class FirestoreStore:
+    def __init__(self, client: AsyncClient, timeout: float = 5.0) -> None:
+        self._db = client
+        self._timeout = timeout
+
+    @classmethod
+    def connect(cls, project: str, timeout: float = 5.0) -> FirestoreStore:
+        """A client for `project`; FIRESTORE_EMULATOR_HOST, if set, selects an emulator."""
+        return cls(AsyncClient(project=project), timeout=timeout)
+
+    @asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except _RETRYABLE as exc:
+            raise StoreUnavailable(f"firestore {what}: {type(exc).__name__}") from exc
+        except gexc.GoogleAPICallError as exc:
+            raise StoreError(f"firestore {what}: {exc}") from exc
+
+    async def _transaction(self, what: str, body: Callable[[AsyncTransaction], Awaitable[T]]) -> T:
+        async with self._guard(what):
+            return await async_transactional(body)(self._db.transaction(max_attempts=10))
+
+    async def _get_all(self, tx: AsyncTransaction, *refs: Any) -> list[dict[str, Any] | None]:
+        """Read documents inside a transaction (which locks them), in the order asked."""
+        found: dict[str, dict[str, Any] | None] = {}
+        async for snap in self._db.get_all(list(refs), transaction=tx):
+            found[snap.reference.path] = (snap.to_dict() or {}) if snap.exists else None
+        return [found.get(ref.path) for ref in refs]
+
+    # ---- state ------------------------------------------------------------------------------
+
+    async def get_state(self, user_id: str) -> UserState | None:
+        async with self._guard("get state"):
+            snap = await self._db.collection(STATES).document(user_id).get()
+        return _state_from(user_id, snap.to_dict()) if snap.exists else None
+
+    async def put_state(self, state: UserState) -> int | None:
+        ref = self._db.collection(STATES).document(state.user_id)
+        fence_ref = self._db.collection(WIPED_USERS).document(state.user_id)
+
+        async def body(tx: AsyncTransaction) -> int | None:
+            snap, fence = await self._get_all(tx, ref, fence_ref)
+            current = _state_from(state.user_id, snap) if snap else None
+            if state.updated_us <= _fence_us(fence) or (
+                current is not None and current.updated_us >= state.updated_us
+            ):
+                return None
+            version = (current.version if current else 0) + 1
+            tx.set(
+                ref,
+                {
+                    "userId": state.user_id,
+                    "stateJson": json.dumps(state.data, separators=(",", ":")),
+                    "updatedAt": from_micros(state.updated_us),
+                    "isActive": True,
+                    "version": version,
+                    "committedAt": SERVER_TIMESTAMP,
+                },
+            )
+            return version
+
+        return await self._transaction("put state", body)
+
+    # ---- history ----------------------------------------------------------------------------
+
+    async def get_profile(self, user_id: str, cap: int) -> Profile | None:
+        ref = self._db.collection(PROFILES).document(user_id)
+        async with self._guard("get profile"):
+            snap = await ref.get()
+            if not snap.exists:
+                return None
+            doc = snap.to_dict() or {}
+            chunk_refs = [ref.collection(HISTORY).document(c["id"]) for c in doc.get("chunks", [])]
+            messages = [_message_from(m) for m in doc.get("tail", [])]
+            if chunk_refs:
+                async for chunk in self._db.get_all(chunk_refs):
+                    if chunk.exists:
+                        messages.extend(
+                            _message_from(m) for m in (chunk.to_dict() or {}).get("messages", [])
+                        )
+        return Profile(
+            user_id=user_id,
+            created_us=to_micros(doc["createdAt"]),
+            updated_us=to_micros(doc["lastUpdated"]),
+            messages=newest(messages, cap),
+            version=int(doc.get("version", 0)),
+        )
+
+    async def append_messages(
+        self, user_id: str, messages: Sequence[Message], cap: int
+    ) -> int | None:
+        ref = self._db.collection(PROFILES).document(user_id)
+        fence_ref = self._db.collection(WIPED_USERS).document(user_id)
+
+        async def body(tx: AsyncTransaction) -> int | None:
+            snap, fence = await self._get_all(tx, ref, fence_ref)
+            wiped_at = _fence_us(fence)
+            fresh = [m for m in messages if m.at_us > wiped_at]
+            doc = snap or {}
+            if not fresh:
+                return None
+            layout = _HistoryLayout.load(doc)
+            layout.merge(fresh, cap)
+            for chunk_id, chunk_messages in layout.new_chunks:
+                tx.set(ref.collection(HISTORY).document(chunk_id), _chunk_doc(chunk_messages))
+            for chunk_id in layout.dropped_chunks:
+                tx.delete(ref.collection(HISTORY).document(chunk_id))
+            first = min(m.at_us for m in fresh)
+            last = max(m.at_us for m in fresh)
+            created = min(to_micros(doc["createdAt"]), first) if snap else first
+            updated = max(to_micros(doc["lastUpdated"]), last) if snap else last
+            version = int(doc.get("version", 0)) + 1
+            tx.set(
+                ref,
+                {
+                    "userId": user_id,
+                    "createdAt": from_micros(created),
+                    "lastUpdated": from_micros(updated),
+                    "version": version,
+                    "committedAt": SERVER_TIMESTAMP,
+                    "tail": [_message_doc(m) for m in layout.tail],
+                    "chunks": layout.chunks,
+                    "nextChunk": layout.next_chunk,
+                },
+            )
+            return version
+
+        return await self._transaction("append", body)
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        async with self._guard("get session"):
+            snap = await self._db.collection(SESSIONS).document(session_id).get()
+        return _session_from(snap.to_dict() or {}) if snap.exists else None
+
+    async def put_session(self, session: SessionRecord) -> int | None:
+        ref = self._db.collection(SESSIONS).document(session.session_id)
+        active_ref = self._db.collection(ACTIVE_USERS).document(session.user_id)
+        user_fence_ref = self._db.collection(WIPED_USERS).document(session.user_id)
+        session_fence_ref = self._db.collection(DELETED_SESSIONS).document(session.session_id)
+
+        async def body(tx: AsyncTransaction) -> int | None:
+            snap, active, user_fence, session_fence = await self._get_all(
+                tx, ref, active_ref, user_fence_ref, session_fence_ref
+            )
+            current = _session_from(snap) if snap else None
+            fence = max(_fence_us(user_fence), _fence_us(session_fence))
+            if session.updated_us <= fence or (
+                current is not None and current.updated_us >= session.updated_us
+            ):
+                return None
+            version = (current.version if current else 0) + 1
+            created = min(current.created_us, session.created_us) if current else session.created_us
+            tx.set(ref, _session_doc(session, created, version))
+            _track_active(tx, active_ref, active, session, previous=current)
+            return version
+
+        return await self._transaction("put session", body)
+
+    async def active_sessions(self, user_id: str) -> list[SessionRecord]:
+        query = (
+            self._db.collection(SESSIONS)
+            .where(filter=FieldFilter("userId", "==", user_id))
+            .where(filter=FieldFilter("isActive", "==", True))
+        )
+        async with self._guard("list sessions"):
+            return [_session_from(snap.to_dict() or {}) async for snap in query.stream()]
+
+    async def delete_session(self, session_id: str, at_us: int) -> SessionRecord | None:
+        ref = self._db.collection(SESSIONS).document(session_id)
+        fence_ref = self._db.collection(DELETED_SESSIONS).document(session_id)
+
+        async def body(tx: AsyncTransaction) -> SessionRecord | None:
+            snap, fence = await self._get_all(tx, ref, fence_ref)
+            current = _session_from(snap) if snap else None
+            active_ref = active = None
+            if current is not None and current.is_active:
+                active_ref = self._db.collection(ACTIVE_USERS).document(current.user_id)
+                (active,) = await self._get_all(tx, active_ref)
+            tx.set(fence_ref, _tombstone(max(at_us, _fence_us(fence))))
+            if current is not None:
+                tx.delete(ref)
+            if active_ref is not None:
+                _track_active(tx, active_ref, active, None, previous=current)
+            return current
+
+        return await self._transaction("delete session", body)
+
+    # ---- wipe -------------------------------------------------------------------------------
+
+    async def wipe_user(self, user_id: str, at_us: int) -> WipeReport:
+        fence_ref = self._db.collection(WIPED_USERS).document(user_id)
+        state_ref = self._db.collection(STATES).document(user_id)
+        profile_ref = self._db.collection(PROFILES).document(user_id)
+
+        # The tombstone goes first and in its own transaction: from then on every write path,
+        # on every instance, drops what was stamped before the wipe, so the deletes below are final.
+        async def fence(tx: AsyncTransaction) -> None:
+            (current,) = await self._get_all(tx, fence_ref)
+            tx.set(fence_ref, _tombstone(max(at_us, _fence_us(current))))
+
+        await self._transaction("wipe fence", fence)
+        async with self._guard("wipe"):
+            state_snap, profile_snap = await asyncio.gather(state_ref.get(), profile_ref.get())
+            sessions_query = self._db.collection(SESSIONS).where(
+                filter=FieldFilter("userId", "==", user_id)
+            )
+            session_refs = [snap.reference async for snap in sessions_query.stream()]
+            chunk_refs = [r async for r in profile_ref.collection(HISTORY).list_documents()]
+            doomed = [state_ref, profile_ref, *chunk_refs, *session_refs]
+            doomed.append(self._db.collection(ACTIVE_USERS).document(user_id))
+            for start in range(0, len(doomed), BATCH_LIMIT):
+                batch = self._db.batch()
+                for doc_ref in doomed[start : start + BATCH_LIMIT]:
+                    batch.delete(doc_ref)
+                await batch.commit()
+        return WipeReport(
+            user_state=state_snap.exists,
+            user_profile=profile_snap.exists,
+            session_ids=[r.id for r in session_refs],
+        )
+
+    # ---- stats, change feed, health ---------------------------------------------------------
+
+    async def counts(self) -> StoreCounts:
+        active = self._db.collection(SESSIONS).where(filter=FieldFilter("isActive", "==", True))
+        queries = [
+            active.count(),
+            self._db.collection(ACTIVE_USERS).count(),  # type: ignore[no-untyped-call]
+            self._db.collection(PROFILES).count(),  # type: ignore[no-untyped-call]
+        ]
+        async with self._guard("count"):
+            results = await asyncio.gather(*(q.get() for q in queries))
+        sessions, users, profiles = (int(r[0][0].value) for r in results)
+        return StoreCounts(active_sessions=sessions, active_users=users, profiles=profiles)
+
+    async def changes_since(self, cursor: Any) -> ChangeBatch:
+        feeds: list[tuple[str, ChangeKind]] = [
+            (STATES, "state"),
+            (PROFILES, "profile"),
+            (SESSIONS, "session"),
+            (WIPED_USERS, "user_wiped"),
+            (DELETED_SESSIONS, "session_deleted"),
+        ]
+        start: dict[str, datetime] = dict(cursor) if cursor else {}
+        if not start:
+            async with self._guard("server time"):
+                now = await self._server_now()
+            return ChangeBatch(cursor={name: now for name, _ in feeds})
+        changes: list[Change] = []
+        async with self._guard("change feed"):
+            for name, kind in feeds:
+                query = (
+                    self._db.collection(name)
+                    .where(filter=FieldFilter("committedAt", ">", start[name] - CHANGE_OVERLAP))
+                    .order_by("committedAt")
+                    .select(["version", "at", "committedAt"])
+                    .limit(CHANGE_PAGE)
+                )
+                async for snap in query.stream():
+                    doc = snap.to_dict() or {}
+                    version = to_micros(doc["at"]) if "at" in doc else int(doc.get("version", 0))
+                    changes.append(Change(kind, snap.id, version))
+                    start[name] = max(start[name], doc["committedAt"])
+        return ChangeBatch(changes=changes, cursor=start)
+
+    async def _server_now(self) -> datetime:
+        # One tiny write gives the database's clock; the feed must not depend on ours.
+        ref = self._db.collection("_samvad").document("clock")
+        result = await ref.set({"at": SERVER_TIMESTAMP})
+        return result.update_time  # type: ignore[no-any-return]
+
+    async def ping(self) -> None:
+        async with self._guard("ping"):
+            await self._db.collection("_samvad").document("ping").get()
+
+    async def close(self) -> None:
+        self._db.close()  # type: ignore[no-untyped-call]
+
+
+class _HistoryLayout:
+    """The inline tail and the chunk index of one profile document, merged and trimmed in memory."""
+
+    def __init__(self, tail: list[Message], chunks: list[dict[str, Any]], next_chunk: int) -> None:
+        self.tail = tail
+        self.chunks = chunks
+        self.next_chunk = next_chunk
+        self.new_chunks: list[tuple[str, list[Message]]] = []
+        self.dropped_chunks: list[str] = []
+
+    @classmethod
+    def load(cls, doc: dict[str, Any]) -> _HistoryLayout:
+        return cls(
+            tail=[_message_from(m) for m in doc.get("tail", [])],
+            chunks=list(doc.get("chunks", [])),
+            next_chunk=int(doc.get("nextChunk", 0)),
+        )
+
+    def merge(self, fresh: Sequence[Message], cap: int) -> None:
+        self.tail = list(newest([*self.tail, *fresh], len(self.tail) + len(fresh)))
+        self._spill()
+        self._trim(cap)
+
+    def _spill(self) -> None:
+        while sum(m.nbytes for m in self.tail) > TAIL_BUDGET:
+            size, cut = 0, 0
+            while cut < len(self.tail) and size + self.tail[cut].nbytes <= CHUNK_BUDGET:
+                size += self.tail[cut].nbytes
+                cut += 1
+            cut = max(cut, 1)
+            spilled, self.tail = self.tail[:cut], self.tail[cut:]
+            chunk_id = f"{self.next_chunk:010d}"
+            self.next_chunk += 1
+            self.new_chunks.append((chunk_id, spilled))
+            self.chunks.append(
+                {
+                    "id": chunk_id,
+                    "count": len(spilled),
+                    "minId": spilled[0].id,
+                    "maxId": spilled[-1].id,
+                    "bytes": size,
+                }
+            )
+
+    def _newer_than(self, message_id: str) -> int:
+        """How many stored messages are certainly newer than `message_id`."""
+        in_tail = sum(1 for m in self.tail if m.id > message_id)
+        in_chunks = sum(int(c["count"]) for c in self.chunks if c["minId"] > message_id)
+        return in_tail + in_chunks
+
+    def _trim(self, cap: int) -> None:
+        # Keep everything that might be among the newest `cap`; drop only what provably is not.
+        self.tail = [m for m in self.tail if self._newer_than(m.id) < cap]
+        kept = []
+        for chunk in self.chunks:
+            if self._newer_than(chunk["maxId"]) >= cap:
+                if not any(chunk["id"] == new_id for new_id, _ in self.new_chunks):
+                    self.dropped_chunks.append(chunk["id"])
+                self.new_chunks = [(i, ms) for i, ms in self.new_chunks if i != chunk["id"]]
+            else:
+                kept.append(chunk)
+        self.chunks = kept
+
+
+def _fence_us(doc: dict[str, Any] | None) -> int:
+    return to_micros(doc["at"]) if doc else -1
+
+
+def _tombstone(at_us: int) -> dict[str, Any]:
+    at = from_micros(at_us)
+    return {"at": at, "expireAt": at + TOMBSTONE_RETENTION, "committedAt": SERVER_TIMESTAMP}
+
+
+def _state_from(user_id: str, doc: dict[str, Any] | None) -> UserState:
+    doc = doc or {}
+    return UserState(
+        user_id=user_id,
+        data=json.loads(doc.get("stateJson") or "{}"),
+        updated_us=to_micros(doc["updatedAt"]),
+        version=int(doc.get("version", 0)),
+    )
+
+
+def _message_doc(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "role": m.role, "content": m.content, "timestamp": from_micros(m.at_us)}
+
+
+def _message_from(doc: dict[str, Any]) -> Message:
+    return Message(
+        id=doc["id"], role=doc["role"], content=doc["content"], at_us=to_micros(doc["timestamp"])
+    )
+
+
+def _chunk_doc(messages: list[Message]) -> dict[str, Any]:
+    return {
+        "messages": [_message_doc(m) for m in messages],
+        "count": len(messages),
+        "minId": messages[0].id,
+        "maxId": messages[-1].id,
+    }
+
+
+def _session_doc(s: SessionRecord, created_us: int, version: int) -> dict[str, Any]:
+    return {
+        "sessionId": s.session_id,
+        "userId": s.user_id,
+        "language": s.language,
+        "metadataJson": json.dumps(s.metadata, separators=(",", ":")),
+        "isActive": s.is_active,
+        "createdAt": from_micros(created_us),
+        "lastActivity": from_micros(s.last_activity_us),
+        "endedAt": from_micros(s.ended_us) if s.ended_us is not None else None,
+        "updatedAt": from_micros(s.updated_us),
+        "version": version,
+        "committedAt": SERVER_TIMESTAMP,
+    }
+
+
+def _session_from(doc: dict[str, Any]) -> SessionRecord:
+    ended = doc.get("endedAt")
+    return SessionRecord(
+        session_id=doc["sessionId"],
+        user_id=doc["userId"],
+        language=doc.get("language"),
+        metadata=json.loads(doc.get("metadataJson") or "{}"),
+        is_active=bool(doc.get("isActive")),
+        created_us=to_micros(doc["createdAt"]),
+        last_activity_us=to_micros(doc["lastActivity"]),
+        ended_us=to_micros(ended) if ended is not None else None,
+        updated_us=to_micros(doc["updatedAt"]),
+        version=int(doc.get("version", 0)),
+    )
+
+
+def _track_active(
+    tx: AsyncTransaction,
+    ref: Any,
+    doc: dict[str, Any] | None,
+    session: SessionRecord | None,
+    previous: SessionRecord | None,
+) -> None:
+    """Keep active_users/{userId} listing exactly the user's active sessions."""
+    ids = set((doc or {}).get("sessionIds", []))
+    before = set(ids)
+    if previous is not None:
+        ids.discard(previous.session_id)
+    if session is not None and session.is_active:
+        ids.add(session.session_id)
+    if ids == before:
+        return
+    if ids:
+        user_id = session.user_id if session else previous.user_id  # type: ignore[union-attr]
+        tx.set(ref, {"userId": user_id, "sessionIds": sorted(ids)})
+    else:
+        tx.delete(ref)

@@ -21,6 +21,7 @@ from cachetools import TTLCache
 from samvad.clock import Clock, MonotonicIds, SystemClock, monotonic
 from samvad.config import Settings
 from samvad.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, StoreUnavailable
+from samvad.events import Event, EventHub
 from samvad.health import StoreHealth
 from samvad.ids import check_id, check_session_id, new_session_id
 from samvad.interruptions import Interruption, InterruptionContextManager
@@ -153,6 +154,7 @@ class SessionPersistenceService:
         self.writer.register("history", _HistoryAppends(settings.history_cap), self._flush_history)
         self.writer.register("session", _LastWriteWins(lambda s: s.updated_us), self._flush_session)
         self.interruptions = InterruptionContextManager(settings.interruptions_per_session)
+        self.events = EventHub()
         size, ttl = settings.cache_size, settings.cache_ttl
         self._states: TTLCache[str, UserState | None] = TTLCache(size, ttl)
         self._profiles: TTLCache[str, Profile | None] = TTLCache(size, ttl)
@@ -190,13 +192,14 @@ class SessionPersistenceService:
     # ---- user state ---------------------------------------------------------------------------
 
     async def save_user_state(
-        self, user_id: str, data: dict[str, Any], durable: bool = False
+        self, user_id: str, data: dict[str, Any], durable: bool = False, origin: str | None = None
     ) -> Ack[UserState]:
         check_id("userId", user_id)
         state = UserState(user_id=user_id, data=data, updated_us=self.now_us())
         if state.nbytes > self.settings.max_state_bytes:
             raise PayloadTooLarge(f"state is over {self.settings.max_state_bytes} bytes")
         waiter = self.writer.submit(("state", user_id), state, durable)
+        self.events.publish(Event(user_id, "state", {"updatedUs": state.updated_us}, origin))
         return Ack(state, await self._settle(waiter))
 
     async def get_user_state(self, user_id: str) -> UserState:
@@ -211,7 +214,12 @@ class SessionPersistenceService:
     # ---- history ------------------------------------------------------------------------------
 
     async def append_to_user_history(
-        self, user_id: str, role: str, content: str, durable: bool = False
+        self,
+        user_id: str,
+        role: str,
+        content: str,
+        durable: bool = False,
+        origin: str | None = None,
     ) -> Ack[Message]:
         check_id("userId", user_id)
         if role not in ROLES:
@@ -225,6 +233,7 @@ class SessionPersistenceService:
             id=f"{at_us:017d}-{self.instance_id}", role=role, content=content, at_us=at_us
         )
         waiter = self.writer.submit(("history", user_id), (message,), durable)
+        self.events.publish(Event(user_id, "message", {"message": message}, origin))
         return Ack(message, await self._settle(waiter))
 
     async def get_user_profile(self, user_id: str) -> ProfileView:
@@ -374,6 +383,7 @@ class SessionPersistenceService:
         interruptions = self.interruptions.clear_user(user_id)
         interruptions += sum(self.interruptions.clear_session(sid) for sid in sessions)
         self._counts_at = 0.0  # the dashboard should see a wipe at once
+        self.events.publish(Event(user_id, "wiped"))
         return ClearReport(
             user_state=report.user_state or had_state,
             user_profile=report.user_profile or had_history,

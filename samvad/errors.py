@@ -58,6 +58,10 @@ class ShuttingDown(SamvadError):
     retry_after: float = 1.0
 
 
+class StoreContention(Exception):
+    """A transaction lost to concurrent writers too often: retry soon; Firestore is fine."""
+
+
 class StoreError(Exception):
     """A Firestore failure that retrying will not fix (a bug or a limit): logged, not shown."""
 

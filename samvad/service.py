@@ -164,6 +164,7 @@ class SessionPersistenceService:
         self._counts_at = 0.0
         self._counts_task: asyncio.Task[StoreCounts] | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        self._drain: asyncio.Task[bool] | None = None
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -176,9 +177,17 @@ class SessionPersistenceService:
                 self._sync_loop(), name="change-feed"
             )
 
+    async def drain(self) -> bool:
+        """Stop taking writes and flush them within the shutdown budget, once.
+        True if nothing acknowledged was lost."""
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(
+                self.writer.drain(self.settings.shutdown_flush_budget)
+            )
+        return await asyncio.shield(self._drain)
+
     async def close(self) -> bool:
-        """Flush within the shutdown budget, then stop. True if nothing acknowledged was lost."""
-        flushed = await self.writer.drain(self.settings.shutdown_flush_budget)
+        flushed = await self.drain()
         if self._sync_task is not None:
             self._sync_task.cancel()
         await self.writer.close()

@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from cachetools import TTLCache
 
 from samvad.clock import monotonic
-from samvad.errors import BacklogFull, ShuttingDown, StoreUnavailable
+from samvad.errors import BacklogFull, ShuttingDown, StoreContention, StoreUnavailable
 from samvad.health import StoreHealth
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class _Entry(Generic[V]):
     dirty_since: float
     due: float
     generation: int = 0
+    attempts: int = 0
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
 
@@ -302,6 +303,11 @@ class WriteBehind:
                     self._failures += 1
                     self._health.record_failure(exc)
                     self._reschedule(key, monotonic())
+                    return
+                except StoreContention:
+                    self._failures += 1
+                    entry.attempts += 1
+                    self._reschedule(key, monotonic() + self._health.backoff(entry.attempts))
                     return
                 except Exception:
                     self._failures += 1

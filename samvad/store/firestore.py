@@ -29,12 +29,13 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
+from google.api_core.retry import AsyncRetry, if_exception_type
 from google.cloud.firestore_v1 import SERVER_TIMESTAMP, AsyncClient
 from google.cloud.firestore_v1.async_transaction import AsyncTransaction, async_transactional
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from samvad.clock import from_micros, to_micros
-from samvad.errors import StoreError, StoreUnavailable
+from samvad.errors import StoreContention, StoreError, StoreUnavailable
 from samvad.store.base import (
     CHUNK_BUDGET,
     TAIL_BUDGET,
@@ -64,6 +65,15 @@ BATCH_LIMIT = 400
 CHANGE_PAGE = 1000
 CHANGE_OVERLAP = timedelta(seconds=1)
 
+# Reads retry a blip briefly; a longer outage is the circuit breaker's business, not a request's.
+READ_RETRY = AsyncRetry(
+    predicate=if_exception_type(gexc.ServiceUnavailable, gexc.InternalServerError),
+    initial=0.05,
+    maximum=0.4,
+    multiplier=2.0,
+    timeout=1.5,
+)
+
 _RETRYABLE = (
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
@@ -89,9 +99,9 @@ class FirestoreStore:
         return cls(AsyncClient(project=project), timeout=timeout)
 
     @asynccontextmanager
-    async def _guard(self, what: str) -> AsyncIterator[None]:
+    async def _guard(self, what: str, deadline: float | None = None) -> AsyncIterator[None]:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(deadline or self._timeout):
                 yield
         except _RETRYABLE as exc:
             raise StoreUnavailable(f"firestore {what}: {type(exc).__name__}") from exc
@@ -99,8 +109,12 @@ class FirestoreStore:
             raise StoreError(f"firestore {what}: {exc}") from exc
 
     async def _transaction(self, what: str, body: Callable[[AsyncTransaction], Awaitable[T]]) -> T:
-        async with self._guard(what):
-            return await async_transactional(body)(self._db.transaction(max_attempts=10))
+        # Writers of one document queue on its lock: give a transaction room for a few turns.
+        async with self._guard(what, deadline=self._timeout * 3):
+            try:
+                return await async_transactional(body)(self._db.transaction(max_attempts=10))
+            except ValueError as exc:  # the library's "failed to commit in N attempts"
+                raise StoreContention(f"firestore {what}: {exc}") from exc
 
     async def _get_all(self, tx: AsyncTransaction, *refs: Any) -> list[dict[str, Any] | None]:
         """Read documents inside a transaction (which locks them), in the order asked."""
@@ -113,7 +127,7 @@ class FirestoreStore:
 
     async def get_state(self, user_id: str) -> UserState | None:
         async with self._guard("get state"):
-            snap = await self._db.collection(STATES).document(user_id).get()
+            snap = await self._db.collection(STATES).document(user_id).get(retry=READ_RETRY)
         return _state_from(user_id, snap.to_dict()) if snap.exists else None
 
     async def put_state(self, state: UserState) -> int | None:
@@ -148,14 +162,14 @@ class FirestoreStore:
     async def get_profile(self, user_id: str, cap: int) -> Profile | None:
         ref = self._db.collection(PROFILES).document(user_id)
         async with self._guard("get profile"):
-            snap = await ref.get()
+            snap = await ref.get(retry=READ_RETRY)
             if not snap.exists:
                 return None
             doc = snap.to_dict() or {}
             chunk_refs = [ref.collection(HISTORY).document(c["id"]) for c in doc.get("chunks", [])]
             messages = [_message_from(m) for m in doc.get("tail", [])]
             if chunk_refs:
-                async for chunk in self._db.get_all(chunk_refs):
+                async for chunk in self._db.get_all(chunk_refs, retry=READ_RETRY):
                     if chunk.exists:
                         messages.extend(
                             _message_from(m) for m in (chunk.to_dict() or {}).get("messages", [])
@@ -213,7 +227,7 @@ class FirestoreStore:
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         async with self._guard("get session"):
-            snap = await self._db.collection(SESSIONS).document(session_id).get()
+            snap = await self._db.collection(SESSIONS).document(session_id).get(retry=READ_RETRY)
         return _session_from(snap.to_dict() or {}) if snap.exists else None
 
     async def put_session(self, session: SessionRecord) -> int | None:
@@ -247,7 +261,9 @@ class FirestoreStore:
             .where(filter=FieldFilter("isActive", "==", True))
         )
         async with self._guard("list sessions"):
-            return [_session_from(snap.to_dict() or {}) async for snap in query.stream()]
+            return [
+                _session_from(snap.to_dict() or {}) async for snap in query.stream(retry=READ_RETRY)
+            ]
 
     async def delete_session(self, session_id: str, at_us: int) -> SessionRecord | None:
         ref = self._db.collection(SESSIONS).document(session_id)
@@ -313,7 +329,7 @@ class FirestoreStore:
             self._db.collection(PROFILES).count(),  # type: ignore[no-untyped-call]
         ]
         async with self._guard("count"):
-            results = await asyncio.gather(*(q.get() for q in queries))
+            results = await asyncio.gather(*(q.get(retry=READ_RETRY) for q in queries))
         sessions, users, profiles = (int(r[0][0].value) for r in results)
         return StoreCounts(active_sessions=sessions, active_users=users, profiles=profiles)
 
@@ -355,7 +371,7 @@ class FirestoreStore:
 
     async def ping(self) -> None:
         async with self._guard("ping"):
-            await self._db.collection("_samvad").document("ping").get()
+            await self._db.collection("_samvad").document("ping").get(retry=READ_RETRY)
 
     async def close(self) -> None:
         self._db.close()  # type: ignore[no-untyped-call]

@@ -44,7 +44,7 @@ M = TypeVar("M", bound=BaseModel)
 MAX_JSON_DEPTH = 32
 PARTIAL_HEADER = "X-Samvad-Partial"
 # A session id is any document id except the words of the API's own paths.
-SESSION_ID = r"{sessionId:(?!(?:" + "|".join(sorted(RESERVED_SESSION_IDS)) + r")$)[^/]+}"
+SESSION_ID = r"{sessionId:(?!(?:" + "|".join(sorted(RESERVED_SESSION_IDS)) + r")(?:/|$))[^/]+}"
 
 routes = web.RouteTableDef()
 

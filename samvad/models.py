@@ -148,13 +148,13 @@ class BacklogOut(WireModel):
 
 
 class StatsOut(WireModel):
-    active_users: int
-    active_sessions: int
-    total_profiles: int
+    active_users: int | None = Field(description="null: Firestore unreachable, never counted")
+    active_sessions: int | None
+    total_profiles: int | None
     total_interruptions: int = Field(description="held in memory on this instance")
     backlog: BacklogOut
     firestore_reachable: bool
-    age_seconds: float = Field(description="how old the Firestore counts are")
+    age_seconds: float | None = Field(description="how old the Firestore counts are")
 
 
 class StatsResponse(Ok):

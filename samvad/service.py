@@ -43,6 +43,7 @@ T = TypeVar("T")
 ROLES = frozenset({"user", "assistant", "system"})
 # One history flush stays well under Firestore's 10 MiB transaction limit.
 FLUSH_SLICE_BYTES = 4 * 1024 * 1024
+SESSION_PEEK = 0.25
 _MISS: Any = object()
 
 
@@ -80,13 +81,11 @@ class ClearReport:
 
 @dataclass(frozen=True)
 class Stats:
-    active_users: int
-    active_sessions: int
-    total_profiles: int
+    counts: StoreCounts | None  # None: Firestore unreachable and never counted here
     total_interruptions: int
     backlog: BacklogStats
     firestore_reachable: bool
-    age: float  # seconds since the store counts were taken
+    age: float | None  # seconds since the store counts were taken
 
 
 class _LastWriteWins:
@@ -300,12 +299,7 @@ class SessionPersistenceService:
         """Create or update a session. Returns the ack and whether the session is new."""
         session_id = check_session_id(session_id) if session_id is not None else new_session_id()
         check_id("userId", user_id)
-        try:
-            existing: SessionRecord | None = await self.get_session(session_id)
-        except NotFound:
-            existing = None
-        except StoreUnavailable:
-            existing = None  # unknown: the store keeps the first createdAt when this lands
+        existing = await self._peek_session(session_id)
         if existing is not None and existing.user_id != user_id:
             raise Conflict("this sessionId belongs to another user")
         now = self.now_us()
@@ -335,6 +329,16 @@ class SessionPersistenceService:
         if record is None:
             raise NotFound("no such session")
         return record  # type: ignore[no-any-return]
+
+    async def _peek_session(self, session_id: str) -> SessionRecord | None:
+        """The session if it is known to exist. A create must not wait on a failing or slow
+        store: after SESSION_PEEK seconds it goes ahead as new (the store still keeps the first
+        createdAt and refuses to move a session to another user when the write lands)."""
+        try:
+            async with asyncio.timeout(SESSION_PEEK):
+                return await self.get_session(session_id)
+        except (NotFound, StoreUnavailable, TimeoutError):
+            return None
 
     async def end_session(self, session_id: str, durable: bool = False) -> Ack[SessionRecord]:
         record = await self.get_session(session_id)
@@ -426,22 +430,22 @@ class SessionPersistenceService:
     # ---- stats --------------------------------------------------------------------------------
 
     async def get_stats(self) -> Stats:
-        counts, taken_at = await self._store_counts()
+        """Served even while Firestore is down: the backlog is what a dashboard needs then."""
+        counts = await self._store_counts()
         return Stats(
-            active_users=counts.active_users,
-            active_sessions=counts.active_sessions,
-            total_profiles=counts.profiles,
+            counts=counts,
             total_interruptions=self.interruptions.total,
             backlog=self.writer.stats(),
             firestore_reachable=self.health.reachable,
-            age=monotonic() - taken_at,
+            age=monotonic() - self._counts_at if counts is not None else None,
         )
 
-    async def _store_counts(self) -> tuple[StoreCounts, float]:
-        """Counts at most `stats_ttl` old; one count query at a time however many pollers ask."""
+    async def _store_counts(self) -> StoreCounts | None:
+        """Counts at most `stats_ttl` old; one count query at a time however many pollers ask;
+        the last known counts (their age says how old) when Firestore is unreachable."""
         fresh = monotonic() - self._counts_at < self.settings.stats_ttl
         if self._counts is not None and fresh:
-            return self._counts, self._counts_at
+            return self._counts
         if self._counts_task is None or self._counts_task.done():
             self._counts_task = asyncio.get_running_loop().create_task(
                 self._store_call(self.store.counts)
@@ -449,11 +453,9 @@ class SessionPersistenceService:
         try:
             counts = await asyncio.shield(self._counts_task)
         except StoreUnavailable:
-            if self._counts is None:
-                raise
-            return self._counts, self._counts_at  # stale, and `age` says by how much
+            return self._counts
         self._counts, self._counts_at = counts, monotonic()
-        return counts, self._counts_at
+        return counts
 
     # ---- store access -------------------------------------------------------------------------
 

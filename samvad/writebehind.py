@@ -103,6 +103,7 @@ class WriteBehind:
         self._idle = asyncio.Event()
         self._idle.set()
         self._bytes = 0
+        self._refusing = False
         self._flushes = 0
         self._failures = 0
         self._accepting = True
@@ -136,6 +137,7 @@ class WriteBehind:
         nbytes = coalescer.size(merged)
         grow = nbytes - (entry.nbytes if entry else 0)
         if grow > 0 and self._bytes + grow > self._max_bytes:
+            self._refusing = True
             raise BacklogFull(retry_after=self._retry_after())
         now = monotonic()
         if entry is None:
@@ -213,7 +215,8 @@ class WriteBehind:
 
     @property
     def full(self) -> bool:
-        return self._bytes >= self._max_bytes
+        """A write was refused for room, and nothing has drained since."""
+        return self._refusing
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -346,12 +349,17 @@ class WriteBehind:
 
     def _resize(self, entry: _Entry[Any], value: Any) -> None:
         nbytes = self._kinds[entry.kind].coalescer.size(value)
-        self._bytes += nbytes - entry.nbytes
+        self._shrink(entry.nbytes - nbytes)
         entry.value, entry.nbytes = value, nbytes
+
+    def _shrink(self, freed: int) -> None:
+        self._bytes -= freed
+        if freed > 0:
+            self._refusing = False
 
     def _remove(self, key: Key, entry: _Entry[Any]) -> None:
         del self._entries[key]
-        self._bytes -= entry.nbytes
+        self._shrink(entry.nbytes)
         for _, waiter in entry.waiters:
             if not waiter.done():
                 waiter.set_result(None)

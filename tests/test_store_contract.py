@@ -139,6 +139,13 @@ async def test_sessions_upsert_keeps_first_creation_and_lists_active(store: Stor
     assert (counts.active_sessions, counts.active_users) == (3, 2)
 
 
+async def test_a_session_never_moves_to_another_user(store: Store) -> None:
+    await store.put_session(session("s1", "u1"))
+    assert await store.put_session(session("s1", "intruder")) is None
+    got = await store.get_session("s1")
+    assert got is not None and got.user_id == "u1"
+
+
 async def test_ending_a_session_updates_active_counts(store: Store) -> None:
     await store.put_session(session("s1", "u1"))
     await store.put_session(session("s2", "u1"))

@@ -50,11 +50,20 @@ routes = web.RouteTableDef()
 
 
 def render(
-    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+    model: BaseModel,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    keep_nulls: bool = False,
 ) -> web.Response:
+    """JSON of `model`; None fields are left out unless `keep_nulls` (then unset ones are)."""
+    body = (
+        model.model_dump_json(by_alias=True, exclude_unset=True)
+        if keep_nulls
+        else model.model_dump_json(by_alias=True, exclude_none=True)
+    )
     return web.Response(
         status=status,
-        body=model.model_dump_json(by_alias=True, exclude_none=True),
+        body=body,
         content_type="application/json",
         headers=headers,
     )
@@ -167,16 +176,18 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/api/session/stats")
 async def get_stats(request: web.Request) -> web.Response:
     stats = await service(request).get_stats()
+    counts = stats.counts
     out = StatsOut(
-        active_users=stats.active_users,
-        active_sessions=stats.active_sessions,
-        total_profiles=stats.total_profiles,
+        active_users=counts.active_users if counts else None,
+        active_sessions=counts.active_sessions if counts else None,
+        total_profiles=counts.profiles if counts else None,
         total_interruptions=stats.total_interruptions,
         backlog=backlog_out(stats.backlog),
         firestore_reachable=stats.firestore_reachable,
-        age_seconds=round(stats.age, 3),
+        age_seconds=round(stats.age, 3) if stats.age is not None else None,
     )
-    return render(StatsResponse(stats=out))
+    # nulls are shown: a dashboard must tell "unknown" from "absent"
+    return render(StatsResponse(success=True, stats=out), keep_nulls=True)
 
 
 @routes.post("/api/session/create")

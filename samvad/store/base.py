@@ -121,8 +121,8 @@ class Store(Protocol):
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
 
     async def put_session(self, session: SessionRecord) -> int | None:
-        """Upsert unless a newer write or a later wipe is stored (then None); keeps the first
-        createdAt and the active_users index in step."""
+        """Upsert unless a newer write or a later wipe is stored, or the session belongs to
+        another user (then None); keeps the first createdAt and the active_users index in step."""
         ...
 
     async def active_sessions(self, user_id: str) -> list[SessionRecord]: ...

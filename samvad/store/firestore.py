@@ -243,7 +243,8 @@ class FirestoreStore:
             current = _session_from(snap) if snap else None
             fence = max(_fence_us(user_fence), _fence_us(session_fence))
             if session.updated_us <= fence or (
-                current is not None and current.updated_us >= session.updated_us
+                current is not None
+                and (current.updated_us >= session.updated_us or current.user_id != session.user_id)
             ):
                 return None
             version = (current.version if current else 0) + 1

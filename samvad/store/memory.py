@@ -113,7 +113,9 @@ class MemoryStore:
             )
             if session.updated_us <= fence:
                 return None
-            if current is not None and current.updated_us >= session.updated_us:
+            if current is not None and (
+                current.updated_us >= session.updated_us or current.user_id != session.user_id
+            ):
                 return None
             version = (current.version if current else 0) + 1
             created = min(current.created_us, session.created_us) if current else session.created_us

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from samvad.api.keys import SERVICE, SETTINGS
+from samvad.api.lifecycle import lifecycle_routes
 from samvad.api.middlewares import errors
 from samvad.api.routes import routes
 from samvad.clock import Clock
@@ -20,7 +21,9 @@ StoreFactory = Callable[[Settings], Store]
 def firestore_store(settings: Settings) -> Store:
     from samvad.store.firestore import FirestoreStore  # keeps google.cloud out of other imports
 
-    return FirestoreStore.connect(settings.project, timeout=settings.store_timeout)
+    return FirestoreStore.connect(
+        settings.project, timeout=settings.store_timeout, retention=settings.retention()
+    )
 
 
 def create_app(
@@ -40,4 +43,5 @@ def create_app(
 
     app.cleanup_ctx.append(service_ctx)
     app.add_routes(routes)
+    app.add_routes(lifecycle_routes)
     return app

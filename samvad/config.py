@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from samvad.store.base import Retention
+
 # Largest message content a single history chunk document can always hold with room to spare
 # (Firestore's document limit is 1 MiB; chunks are filled to about 800 KB).
 MAX_MESSAGE_BYTES_LIMIT = 512 * 1024
@@ -41,6 +43,15 @@ class Settings(BaseModel):
     durable_timeout: float = Field(default=5.0, gt=0)
     store_timeout: float = Field(default=5.0, gt=0, description="deadline of one store call")
 
+    # lifecycle and retention (seconds)
+    abandon_after: float = Field(default=86400.0, gt=0, description="idle → abandoned")
+    archive_after: float = Field(default=7 * 86400.0, gt=0, description="ended → archived")
+    session_retention: float = Field(default=7 * 86400.0, gt=0)
+    state_retention: float = Field(default=30 * 86400.0, gt=0)
+    profile_retention: float = Field(default=30 * 86400.0, gt=0)
+    snapshot_retention: float = Field(default=30 * 86400.0, gt=0)
+    max_snapshots: int = Field(default=10, ge=1, le=100)
+
     # cross-instance freshness
     sync_interval: float = Field(default=1.0, ge=0, description="0 turns the change feed off")
     stats_ttl: float = Field(default=2.0, ge=0)
@@ -50,6 +61,14 @@ class Settings(BaseModel):
         if self.retry_max < self.retry_base:
             raise ValueError("SAMVAD_RETRY_MAX must be at least SAMVAD_RETRY_BASE")
         return self
+
+    def retention(self) -> Retention:
+        return Retention(
+            session=self.session_retention,
+            state=self.state_retention,
+            profile=self.profile_retention,
+            snapshot=self.snapshot_retention,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -69,3 +69,10 @@ class StoreError(Exception):
 class Conflict(SamvadError):
     status = 409
     public_message = "conflict"
+
+
+class Gone(SamvadError):
+    """It existed, and its retention ran out (Firestore's TTL deletes it soon)."""
+
+    status = 410
+    public_message = "gone"

@@ -67,6 +67,9 @@ class InterruptionContextManager:
         sessions = list(self._sessions_of.get(user_id, ()))
         return sum(self.clear_session(s, before_us) for s in sessions)
 
+    def of_user(self, user_id: str) -> dict[str, list[Interruption]]:
+        return {sid: self.recent(sid) for sid in sorted(self._sessions_of.get(user_id, ()))}
+
     @property
     def total(self) -> int:
         return self._held

@@ -85,15 +85,28 @@ class MessageAppended(Ok):
     timestamp: str
 
 
+class ParticipantOut(WireModel):
+    user_id: str
+    device_id: str | None = None
+    platform: str | None = None
+    joined_at: str
+    last_seen: str
+    left_at: str | None = None
+
+
 class SessionOut(WireModel):
     id: str
     user_id: str
     language: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    is_active: bool
+    context: dict[str, Any] = Field(default_factory=dict)
+    status: Literal["active", "ended", "abandoned", "archived"]
+    is_active: bool = Field(description="status == active (the design note's field)")
     created_at: str
     last_activity: str
     ended_at: str | None = None
+    abandoned_at: str | None = None
+    participants: list[ParticipantOut] = Field(default_factory=list)
 
 
 class SessionSaved(Ok):
@@ -124,6 +137,7 @@ class UserCleared(WireModel):
     user_profile: bool
     sessions: int
     interruptions: int
+    snapshots: int = 0
 
 
 class UserRefreshed(Ok):
@@ -166,3 +180,63 @@ class ReadyOut(WireModel):
     firestore_reachable: bool
     backlog: BacklogOut
     accepting_writes: bool
+
+
+# ---- lifecycle ----------------------------------------------------------------------------------
+
+
+class SessionPage(Ok):
+    user_id: str
+    sessions: list[SessionOut]
+    next_cursor: str | None = Field(default=None, description="absent on the last page")
+
+
+class PatchSessionRequest(WireModel):
+    metadata: dict[str, Any] | None = Field(default=None, description="merge patch: null removes")
+    context: dict[str, Any] | None = Field(default=None, description="merge patch: null removes")
+
+
+class ShareRequest(WireModel):
+    key: str = Field(min_length=1, max_length=256)
+    value: Any
+
+
+class Shared(Ok):
+    user_id: str
+    key: str
+    session_ids: list[str]
+
+
+class SnapshotRequest(WireModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class SnapshotOut(WireModel):
+    id: str
+    name: str
+    created_at: str
+    size: int
+
+
+class SnapshotCreated(Ok):
+    user_id: str
+    snapshot: SnapshotOut
+
+
+class SnapshotList(Ok):
+    user_id: str
+    count: int
+    snapshots: list[SnapshotOut]
+
+
+class SnapshotRestored(Ok):
+    user_id: str
+    restored: SnapshotOut
+    undo_snapshot: SnapshotOut | None = Field(
+        default=None, description="what was current before: restore it to undo"
+    )
+
+
+class SnapshotDeleted(Ok):
+    user_id: str
+    snapshot_id: str

@@ -10,17 +10,26 @@ stale data for longer than about `sync_interval`.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from cachetools import TTLCache
 
-from samvad.clock import Clock, MonotonicIds, SystemClock, monotonic
+from samvad.clock import Clock, MonotonicIds, SystemClock, monotonic, to_micros
 from samvad.config import Settings
-from samvad.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, StoreUnavailable
+from samvad.errors import (
+    Conflict,
+    Gone,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
 from samvad.events import Event, EventHub
 from samvad.health import StoreHealth
 from samvad.ids import check_id, check_session_id, new_session_id
@@ -28,11 +37,15 @@ from samvad.interruptions import Interruption, InterruptionContextManager
 from samvad.store.base import (
     Change,
     Message,
+    Participant,
     Profile,
     SessionRecord,
+    Snapshot,
+    SnapshotInfo,
     Store,
     StoreCounts,
     UserState,
+    after_last_silence,
     newest,
 )
 from samvad.writebehind import BacklogStats, WriteBehind
@@ -44,6 +57,10 @@ ROLES = frozenset({"user", "assistant", "system"})
 # One history flush stays well under Firestore's 10 MiB transaction limit.
 FLUSH_SLICE_BYTES = 4 * 1024 * 1024
 SESSION_PEEK = 0.25
+MAX_PARTICIPANTS = 20
+# Listing by status filters pages on read: bound the documents one request may scan.
+MAX_LISTING_SCAN = 1000
+Status = Literal["active", "ended", "abandoned", "archived"]
 _MISS: Any = object()
 
 
@@ -77,6 +94,7 @@ class ClearReport:
     user_profile: bool
     sessions: int
     interruptions: int
+    snapshots: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,7 @@ class SessionPersistenceService:
         self.clock = clock or SystemClock()
         self.instance_id = instance_id or secrets.token_hex(4)
         self._stamps = MonotonicIds(self.clock)
+        self.retention = settings.retention()
         self.health = StoreHealth(store.ping, settings.retry_base, settings.retry_max)
         self.writer = WriteBehind(
             self.health,
@@ -195,7 +214,31 @@ class SessionPersistenceService:
         return flushed
 
     def now_us(self) -> int:
+        """A unique, increasing stamp for a write of this instance."""
         return self._stamps.next_micros()
+
+    def wall_us(self) -> int:
+        return to_micros(self.clock.now())
+
+    def _expired(self, kind: str, last_us: int) -> bool:
+        return self.retention.expired(kind, last_us, self.wall_us())
+
+    def status_of(self, record: SessionRecord) -> Status:
+        """The lifecycle status, judged now: idleness needs no sweeper to become visible."""
+        now = self.wall_us()
+        abandon = int(self.settings.abandon_after * 1_000_000)
+        archive = int(self.settings.archive_after * 1_000_000)
+        if record.is_active:
+            if now - record.last_activity_us < abandon:
+                return "active"
+            return "abandoned" if now - record.last_activity_us - abandon < archive else "archived"
+        ended = record.ended_us if record.ended_us is not None else record.last_activity_us
+        return "ended" if now - ended < archive else "archived"
+
+    def abandoned_at(self, record: SessionRecord) -> int | None:
+        if not record.is_active or self.status_of(record) == "active":
+            return None
+        return record.last_activity_us + int(self.settings.abandon_after * 1_000_000)
 
     # ---- user state ---------------------------------------------------------------------------
 
@@ -215,7 +258,7 @@ class SessionPersistenceService:
         state = self.writer.pending(("state", user_id))
         if state is None:
             state = await self._cached(self._states, user_id, lambda: self.store.get_state(user_id))
-        if state is None:
+        if state is None or self._expired("state", state.updated_us):
             raise NotFound("no state for this user")
         return state  # type: ignore[no-any-return]
 
@@ -258,13 +301,22 @@ class SessionPersistenceService:
             if not pending:
                 raise
             base, partial = None, True
+        if base is not None and self._expired("profile", base.updated_us):
+            base = None
         if base is None and not pending:
             raise NotFound("no profile for this user")
         stored = base.messages if base else ()
-        messages = newest((*stored, *pending), self.settings.history_cap)
+        silence = int(self.retention.profile * 1_000_000)
+        kept = after_last_silence((*stored, *pending), silence)
+        if base is not None and kept and kept[0].at_us > base.updated_us:
+            base = None  # everything stored came before the silence
+        messages = newest(kept, self.settings.history_cap)
+        pending = tuple(m for m in pending if not kept or m.id >= kept[0].id)
         stamps = [m.at_us for m in pending]
         if base is not None:
             stamps += [base.created_us, base.updated_us]
+        if self._expired("profile", max(stamps)):
+            raise NotFound("no profile for this user")
         return ProfileView(
             user_id=user_id,
             messages=messages,
@@ -315,6 +367,8 @@ class SessionPersistenceService:
             last_activity_us=now,
             ended_us=None,
             updated_us=now,
+            context=existing.context if existing else {},
+            participants=existing.participants if existing else (),
         )
         waiter = self.writer.submit(("session", session_id), record, durable)
         return Ack(record, await self._settle(waiter)), existing is None
@@ -328,6 +382,8 @@ class SessionPersistenceService:
             )
         if record is None:
             raise NotFound("no such session")
+        if self._expired("session", record.last_activity_us):
+            raise Gone("this session has expired")
         return record  # type: ignore[no-any-return]
 
     async def _peek_session(self, session_id: str) -> SessionRecord | None:
@@ -337,7 +393,7 @@ class SessionPersistenceService:
         try:
             async with asyncio.timeout(SESSION_PEEK):
                 return await self.get_session(session_id)
-        except (NotFound, StoreUnavailable, TimeoutError):
+        except (NotFound, Gone, StoreUnavailable, TimeoutError):
             return None
 
     async def end_session(self, session_id: str, durable: bool = False) -> Ack[SessionRecord]:
@@ -364,7 +420,7 @@ class SessionPersistenceService:
         merged = {s.session_id: s for s in stored}
         merged.update(pending)
         active = sorted(
-            (s for s in merged.values() if s.is_active),
+            (s for s in merged.values() if self.status_of(s) == "active"),
             key=lambda s: s.last_activity_us,
             reverse=True,
         )
@@ -402,6 +458,7 @@ class SessionPersistenceService:
             user_profile=report.user_profile or had_history,
             sessions=len(sessions),
             interruptions=interruptions,
+            snapshots=report.snapshots,
         )
 
     async def clear_session(self, session_id: str) -> ClearReport:
@@ -419,6 +476,196 @@ class SessionPersistenceService:
             sessions=1,
             interruptions=self.interruptions.clear_session(session_id),
         )
+
+    # ---- lifecycle: listing, context, participants -------------------------------------------
+
+    async def list_user_sessions(
+        self, user_id: str, status: Status | None, limit: int, after: tuple[int, str] | None
+    ) -> tuple[list[SessionRecord], tuple[int, str] | None]:
+        """A page of the user's sessions, newest lastActivity first, and the cursor of the
+        next page (None on the last). Statuses are judged on read, so a filtered page scans
+        at most MAX_LISTING_SCAN documents and may come back short with a cursor."""
+        check_id("userId", user_id)
+        pending = {
+            sid: rec for sid, rec in self.writer.pending_of("session") if rec.user_id == user_id
+        }
+        found: list[SessionRecord] = []
+        cursor, scanned, exhausted = after, 0, False
+        batch = min(max(limit * 2, 20), 200)
+        while len(found) < limit and scanned < MAX_LISTING_SCAN and not exhausted:
+            page = await self._store_call(
+                functools.partial(self.store.list_sessions, user_id, batch, cursor)
+            )
+            scanned += len(page)
+            exhausted = len(page) < batch
+            floor = _key(page[-1]) if page and not exhausted else None
+            candidates = [r for r in page if r.session_id not in pending]
+            # this instance's unflushed sessions, placed by their own order key
+            candidates += [
+                r
+                for r in pending.values()
+                if (cursor is None or _key(r) < cursor) and (floor is None or _key(r) >= floor)
+            ]
+            for record in sorted(candidates, key=_key, reverse=True):
+                if self._expired("session", record.last_activity_us):
+                    continue
+                if status is None or self.status_of(record) == status:
+                    found.append(record)
+            if page:
+                cursor = _key(page[-1])
+            pending = {k: v for k, v in pending.items() if floor is None or _key(v) < floor}
+        found.sort(key=_key, reverse=True)
+        if len(found) > limit:
+            found = found[:limit]
+            return found, _key(found[-1])
+        return found, (None if exhausted else cursor)
+
+    async def update_session(
+        self,
+        session_id: str,
+        metadata: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> SessionRecord:
+        """Merge-patch (RFC 7386, top level: null removes a key) metadata and context."""
+        record = await self.get_session(session_id)
+        now = self.now_us()
+        updated = replace(
+            record,
+            metadata=_merge_patch(record.metadata, metadata),
+            context=_merge_patch(record.context, context),
+            last_activity_us=now,
+            updated_us=now,
+        )
+        self.writer.submit(("session", session_id), updated)
+        return updated
+
+    async def share_context(self, user_id: str, key: str, value: Any) -> list[str]:
+        """Set one context key on every active session of the user; returns their ids."""
+        listing = await self.get_user_active_sessions(user_id)
+        shared = []
+        for record in listing.sessions:
+            await self.update_session(record.session_id, context={key: value})
+            shared.append(record.session_id)
+        self.events.publish(
+            Event(user_id, "context", {"key": key, "value": value, "sessionIds": shared})
+        )
+        return shared
+
+    async def join_session(
+        self,
+        session_id: str,
+        connection_id: str,
+        device_id: str | None = None,
+        platform: str | None = None,
+    ) -> SessionRecord:
+        record = await self.get_session(session_id)
+        now = self.now_us()
+        joined = Participant(connection_id, record.user_id, device_id, platform, now, now)
+        kept = [p for p in record.participants if p.connection_id != connection_id]
+        return self._put_participants(record, [*kept, joined][-MAX_PARTICIPANTS:], now)
+
+    async def leave_session(self, session_id: str, connection_id: str) -> SessionRecord | None:
+        try:
+            record = await self.get_session(session_id)
+        except (NotFound, Gone):
+            return None  # wiped or expired while connected: nothing to record
+        now = self.now_us()
+        participants = [
+            replace(p, left_us=now, last_seen_us=now) if p.connection_id == connection_id else p
+            for p in record.participants
+        ]
+        return self._put_participants(record, participants, now)
+
+    def _put_participants(
+        self, record: SessionRecord, participants: list[Participant], now: int
+    ) -> SessionRecord:
+        updated = replace(
+            record, participants=tuple(participants), last_activity_us=now, updated_us=now
+        )
+        self.writer.submit(("session", record.session_id), updated)
+        return updated
+
+    # ---- snapshots ----------------------------------------------------------------------------
+
+    async def create_snapshot(self, user_id: str, name: str) -> SnapshotInfo:
+        """Capture the user's state and history as they are served now (pending included)."""
+        check_id("userId", user_id)
+        try:
+            state: dict[str, Any] | None = (await self.get_user_state(user_id)).data
+        except NotFound:
+            state = None
+        try:
+            messages = (await self.get_user_profile(user_id)).messages
+        except NotFound:
+            messages = ()
+        if state is None and not messages:
+            raise NotFound("nothing to snapshot for this user")
+        created = self.now_us()
+        size = len(json.dumps(state)) if state is not None else 0
+        info = SnapshotInfo(
+            snapshot_id=f"snap_{created:017d}_{secrets.token_hex(4)}",
+            user_id=user_id,
+            name=name,
+            created_us=created,
+            size=size + sum(len(m.content.encode()) for m in messages),
+        )
+        await self._store_call(
+            lambda: self.store.put_snapshot(
+                Snapshot(info, state, messages), self.settings.max_snapshots
+            )
+        )
+        return info
+
+    async def list_snapshots(self, user_id: str) -> list[SnapshotInfo]:
+        check_id("userId", user_id)
+        infos = await self._store_call(lambda: self.store.list_snapshots(user_id))
+        return [i for i in infos if not self._expired("snapshot", i.created_us)]
+
+    async def get_snapshot(self, user_id: str, snapshot_id: str) -> Snapshot:
+        check_id("userId", user_id)
+        check_id("snapshotId", snapshot_id)
+        snapshot = await self._store_call(lambda: self.store.get_snapshot(user_id, snapshot_id))
+        if snapshot is None or self._expired("snapshot", snapshot.info.created_us):
+            raise NotFound("no such snapshot")
+        return snapshot
+
+    async def delete_snapshot(self, user_id: str, snapshot_id: str) -> None:
+        check_id("userId", user_id)
+        check_id("snapshotId", snapshot_id)
+        if not await self._store_call(lambda: self.store.delete_snapshot(user_id, snapshot_id)):
+            raise NotFound("no such snapshot")
+
+    async def restore_snapshot(
+        self, user_id: str, snapshot_id: str
+    ) -> tuple[SnapshotInfo, SnapshotInfo | None]:
+        """Put a snapshot back as the current state and history. What was current is
+        snapshotted first, so the restore itself can be undone. Returns (restored, undo)."""
+        snapshot = await self.get_snapshot(user_id, snapshot_id)
+        try:
+            undo: SnapshotInfo | None = await self.create_snapshot(
+                user_id, f"before restoring {snapshot.info.name}"[:200]
+            )
+        except NotFound:
+            undo = None  # nothing current to keep
+        keys = [("state", user_id), ("history", user_id)]
+        async with self.writer.hold(keys):
+            at_us = self.now_us()
+            await self._store_call(
+                lambda: self.store.replace_history(
+                    user_id, snapshot.messages, at_us, self.settings.history_cap
+                )
+            )
+            self.writer.discard_before(("history", user_id), at_us)
+            self._profiles.pop(user_id, None)
+            if snapshot.state is not None:
+                self.writer.discard_before(("state", user_id), at_us)
+                state = UserState(user_id=user_id, data=snapshot.state, updated_us=self.now_us())
+                self.writer.submit(("state", user_id), state)
+        self.events.publish(Event(user_id, "restored", {"snapshotId": snapshot_id}))
+        return snapshot.info, undo
+
+    def interruptions_of(self, user_id: str) -> dict[str, list[Interruption]]:
+        return self.interruptions.of_user(user_id)
 
     # ---- interruptions ------------------------------------------------------------------------
 
@@ -447,8 +694,10 @@ class SessionPersistenceService:
         if self._counts is not None and fresh:
             return self._counts
         if self._counts_task is None or self._counts_task.done():
+            now = self.wall_us()
+            active_since = now - int(self.settings.abandon_after * 1_000_000)
             self._counts_task = asyncio.get_running_loop().create_task(
-                self._store_call(self.store.counts)
+                self._store_call(lambda: self.store.counts(now, active_since))
             )
         try:
             counts = await asyncio.shield(self._counts_task)
@@ -598,3 +847,19 @@ class SessionPersistenceService:
         elif change.kind == "session_deleted":
             self._sessions.pop(change.key, None)
             self.interruptions.clear_session(change.key, before_us=change.version)
+
+
+def _key(record: SessionRecord) -> tuple[int, str]:
+    return (record.last_activity_us, record.session_id)
+
+
+def _merge_patch(current: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
+    if patch is None:
+        return current
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged

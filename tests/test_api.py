@@ -195,6 +195,7 @@ async def test_refresh_wipes_the_user_and_nobody_else(client: Client) -> None:
         "userProfile": True,
         "sessions": 2,
         "interruptions": 0,
+        "snapshots": 0,
     }
     await failed(await client.get(f"{API}/u1/state"), 404)
     await failed(await client.get(f"{API}/u1/profile"), 404)
@@ -208,6 +209,7 @@ async def test_refresh_wipes_the_user_and_nobody_else(client: Client) -> None:
         "userProfile": False,
         "sessions": 0,
         "interruptions": 0,
+        "snapshots": 0,
     }
 
 
@@ -273,10 +275,10 @@ async def test_stats_polling_is_served_from_cache(client: Client, settings: Sett
     calls = 0
     real = svc.store.counts
 
-    async def counting() -> Any:
+    async def counting(*args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return await real()
+        return await real(*args)
 
     svc.store.counts = counting  # type: ignore[method-assign]
     results = await asyncio.gather(*(client.get(f"{API}/stats") for _ in range(50)))

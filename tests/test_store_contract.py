@@ -135,7 +135,7 @@ async def test_sessions_upsert_keeps_first_creation_and_lists_active(store: Stor
     assert got.last_activity_us == later.last_activity_us
     assert got.metadata == {"platform": "web"}
     assert sorted(s.session_id for s in await store.active_sessions("u1")) == ["s1", "s2"]
-    counts = await store.counts()
+    counts = await store.counts(stamp(), 0)
     assert (counts.active_sessions, counts.active_users) == (3, 2)
 
 
@@ -150,10 +150,10 @@ async def test_ending_a_session_updates_active_counts(store: Store) -> None:
     await store.put_session(session("s1", "u1"))
     await store.put_session(session("s2", "u1"))
     await store.put_session(session("s1", "u1", active=False))
-    counts = await store.counts()
+    counts = await store.counts(stamp(), 0)
     assert (counts.active_sessions, counts.active_users) == (1, 1)
     await store.put_session(session("s2", "u1", active=False))
-    counts = await store.counts()
+    counts = await store.counts(stamp(), 0)
     assert (counts.active_sessions, counts.active_users) == (0, 0)
 
 
@@ -176,7 +176,7 @@ async def test_wipe_is_final_against_late_writes(store: Store) -> None:
     assert await store.get_state("u1") is None
     assert await store.get_profile("u1", cap=100) is None
     assert await store.get_session("s1") is None and await store.get_session("s9") is None
-    counts = await store.counts()
+    counts = await store.counts(stamp(), 0)
     assert (counts.active_sessions, counts.active_users, counts.profiles) == (0, 0, 1)
     # What is written after the wipe is a fresh start.
     await store.append_messages("u1", [message("new")], cap=100)
@@ -191,7 +191,7 @@ async def test_delete_session_is_final(store: Store) -> None:
     assert removed is not None and removed.session_id == "s1"
     assert await store.put_session(stale) is None
     assert await store.get_session("s1") is None
-    assert (await store.counts()).active_sessions == 0
+    assert (await store.counts(stamp(), 0)).active_sessions == 0
     assert await store.delete_session("missing", stamp()) is None
 
 
@@ -215,3 +215,19 @@ async def test_change_feed_reports_other_writers(store: Store) -> None:
     assert wipes[0].version == wipe_at
     versions = {c.key: c.version for c in batch.changes if c.kind == "state"}
     assert versions["u1"] == 1
+
+
+async def test_expired_data_does_not_return_with_a_new_write(store: Store) -> None:
+    month = 31 * 86400 * 1_000_000  # past the default 30-day profile, 7-day session retention
+    old = stamp()
+    await store.append_messages("u1", [message("old", at_us=old)], cap=100)
+    await store.put_session(session("s1", "u1", at=old))
+    later = old + month
+    await store.append_messages("u1", [message("new", at_us=later)], cap=100)
+    revived = session("s1", "u1", at=later)
+    await store.put_session(revived)
+    profile = await store.get_profile("u1", cap=100)
+    assert profile is not None and [m.content for m in profile.messages] == ["new"]
+    assert profile.created_us == later
+    got = await store.get_session("s1")
+    assert got is not None and got.created_us == later

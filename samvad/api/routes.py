@@ -19,6 +19,7 @@ from samvad.models import (
     CreateSessionRequest,
     MessageAppended,
     MessageOut,
+    ParticipantOut,
     ProfileOut,
     ProfileResponse,
     ReadyOut,
@@ -126,16 +127,31 @@ def _ts(us: int | None) -> str | None:
     return iso(from_micros(us)) if us is not None else None
 
 
-def session_out(record: SessionRecord) -> SessionOut:
+def session_out(svc: SessionPersistenceService, record: SessionRecord) -> SessionOut:
+    status = svc.status_of(record)
     return SessionOut(
         id=record.session_id,
         user_id=record.user_id,
         language=record.language,
         metadata=record.metadata,
-        is_active=record.is_active,
+        context=record.context,
+        status=status,
+        is_active=status == "active",
         created_at=iso(from_micros(record.created_us)),
         last_activity=iso(from_micros(record.last_activity_us)),
         ended_at=_ts(record.ended_us),
+        abandoned_at=_ts(svc.abandoned_at(record)),
+        participants=[
+            ParticipantOut(
+                user_id=p.user_id,
+                device_id=p.device_id,
+                platform=p.platform,
+                joined_at=iso(from_micros(p.joined_us)),
+                last_seen=iso(from_micros(p.last_seen_us)),
+                left_at=_ts(p.left_us),
+            )
+            for p in record.participants
+        ],
     )
 
 
@@ -218,6 +234,7 @@ async def refresh_user(request: web.Request) -> web.Response:
         user_profile=report.user_profile,
         sessions=report.sessions,
         interruptions=report.interruptions,
+        snapshots=report.snapshots,
     )
     out = UserRefreshed(
         message="User data cleared successfully", user_id=body.user_id, cleared=cleared
@@ -232,7 +249,7 @@ async def active_sessions(request: web.Request) -> web.Response:
     out = ActiveSessions(
         user_id=user_id,
         count=len(found.sessions),
-        sessions=[session_out(s) for s in found.sessions],
+        sessions=[session_out(service(request), s) for s in found.sessions],
     )
     return render(out, headers=_partial(found.partial))
 
@@ -297,7 +314,7 @@ async def append_history(request: web.Request) -> web.Response:
 @routes.get("/api/session/" + SESSION_ID)
 async def get_session(request: web.Request) -> web.Response:
     record = await service(request).get_session(request.match_info["sessionId"])
-    return render(SessionResponse(session=session_out(record)))
+    return render(SessionResponse(session=session_out(service(request), record)))
 
 
 @routes.put("/api/session/" + SESSION_ID + "/end")

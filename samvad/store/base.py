@@ -46,21 +46,66 @@ class UserState:
 
 
 @dataclass(frozen=True, slots=True)
+class Participant:
+    """Someone who joined a session over the websocket."""
+
+    connection_id: str
+    user_id: str
+    device_id: str | None
+    platform: str | None
+    joined_us: int
+    last_seen_us: int
+    left_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionRecord:
     session_id: str
     user_id: str
     language: str | None
     metadata: dict[str, Any]
-    is_active: bool
+    is_active: bool  # as written: "ended" is stored, idleness is judged on read
     created_us: int
     last_activity_us: int
     ended_us: int | None
     updated_us: int  # when this version was written; orders competing writers
     version: int = 0
+    context: dict[str, Any] = field(default_factory=dict)
+    participants: tuple[Participant, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return len(repr(self.metadata)) + len(self.session_id) + len(self.user_id) + 256
+        extra = len(repr(self.metadata)) + len(repr(self.context)) + 160 * len(self.participants)
+        return extra + len(self.session_id) + len(self.user_id) + 256
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    snapshot_id: str
+    user_id: str
+    name: str
+    created_us: int
+    size: int  # bytes of state and messages captured
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    info: SnapshotInfo
+    state: dict[str, Any] | None
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long data lives after its last activity (Firestore's TTL policy deletes it)."""
+
+    session: float = 7 * 86400.0
+    state: float = 30 * 86400.0
+    profile: float = 30 * 86400.0
+    snapshot: float = 30 * 86400.0
+
+    def expired(self, kind: str, last_us: int, now_us: int) -> bool:
+        return now_us >= last_us + int(getattr(self, kind) * 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +122,7 @@ class WipeReport:
     user_state: bool
     user_profile: bool
     session_ids: list[str]
+    snapshots: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +173,39 @@ class Store(Protocol):
 
     async def active_sessions(self, user_id: str) -> list[SessionRecord]: ...
 
+    async def list_sessions(
+        self, user_id: str, limit: int, after: tuple[int, str] | None = None
+    ) -> list[SessionRecord]:
+        """A page of the user's sessions, newest lastActivity first; `after` is the
+        (lastActivity, sessionId) of the previous page's last one."""
+        ...
+
+    async def replace_history(
+        self, user_id: str, messages: Sequence[Message], at_us: int, cap: int
+    ) -> int | None:
+        """Make the history exactly `messages`; appends stamped at or before `at_us` that
+        arrive later are dropped (they belonged to the history this replaced)."""
+        ...
+
+    async def put_snapshot(self, snapshot: Snapshot, keep: int) -> list[str]:
+        """Store a snapshot; drop the user's oldest beyond `keep`. Returns the dropped ids."""
+        ...
+
+    async def list_snapshots(self, user_id: str) -> list[SnapshotInfo]:
+        """Newest first."""
+        ...
+
+    async def get_snapshot(self, user_id: str, snapshot_id: str) -> Snapshot | None: ...
+
+    async def delete_snapshot(self, user_id: str, snapshot_id: str) -> bool: ...
+
     async def wipe_user(self, user_id: str, at_us: int) -> WipeReport: ...
 
     async def delete_session(self, session_id: str, at_us: int) -> SessionRecord | None: ...
 
-    async def counts(self) -> StoreCounts: ...
+    async def counts(self, now_us: int, active_since_us: int) -> StoreCounts:
+        """Sessions active since `active_since_us`, their users, and unexpired profiles."""
+        ...
 
     async def changes_since(self, cursor: Any) -> ChangeBatch:
         """What other writers changed since `cursor` (None: from now on)."""
@@ -147,3 +221,14 @@ def newest(messages: Sequence[Message], cap: int) -> tuple[Message, ...]:
     unique = {m.id: m for m in messages}
     ordered = sorted(unique.values(), key=lambda m: m.id)
     return tuple(ordered[-cap:]) if cap > 0 else ()
+
+
+def after_last_silence(messages: Sequence[Message], silence_us: int) -> list[Message]:
+    """Messages (oldest first) after the last gap of `silence_us` or more between two of them:
+    a profile idle that long expired, and what came before it must not come back."""
+    ordered = sorted(messages, key=lambda m: m.id)
+    start = 0
+    for i in range(1, len(ordered)):
+        if ordered[i].at_us - ordered[i - 1].at_us >= silence_us:
+            start = i
+    return ordered[start:]

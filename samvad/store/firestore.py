@@ -43,11 +43,16 @@ from samvad.store.base import (
     ChangeBatch,
     ChangeKind,
     Message,
+    Participant,
     Profile,
+    Retention,
     SessionRecord,
+    Snapshot,
+    SnapshotInfo,
     StoreCounts,
     UserState,
     WipeReport,
+    after_last_silence,
     newest,
 )
 
@@ -60,7 +65,11 @@ SESSIONS = "sessions"
 ACTIVE_USERS = "active_users"
 WIPED_USERS = "wiped_users"
 DELETED_SESSIONS = "deleted_sessions"
+SNAPSHOTS = "snapshots"
+PARTS = "parts"
+MAX_SNAPSHOT_LISTING = 100
 TOMBSTONE_RETENTION = timedelta(days=30)
+CHUNK_TTL_SLACK = timedelta(days=7)
 BATCH_LIMIT = 400
 CHANGE_PAGE = 1000
 CHANGE_OVERLAP = timedelta(seconds=1)
@@ -89,14 +98,19 @@ _RETRYABLE = (
 
 
 class FirestoreStore:
-    def __init__(self, client: AsyncClient, timeout: float = 5.0) -> None:
+    def __init__(
+        self, client: AsyncClient, timeout: float = 5.0, retention: Retention | None = None
+    ) -> None:
         self._db = client
         self._timeout = timeout
+        self._retention = retention or Retention()
 
     @classmethod
-    def connect(cls, project: str, timeout: float = 5.0) -> FirestoreStore:
+    def connect(
+        cls, project: str, timeout: float = 5.0, retention: Retention | None = None
+    ) -> FirestoreStore:
         """A client for `project`; FIRESTORE_EMULATOR_HOST, if set, selects an emulator."""
-        return cls(AsyncClient(project=project), timeout=timeout)
+        return cls(AsyncClient(project=project), timeout=timeout, retention=retention)
 
     @asynccontextmanager
     async def _guard(self, what: str, deadline: float | None = None) -> AsyncIterator[None]:
@@ -148,6 +162,7 @@ class FirestoreStore:
                     "userId": state.user_id,
                     "stateJson": json.dumps(state.data, separators=(",", ":")),
                     "updatedAt": from_micros(state.updated_us),
+                    "expireAt": self._expire_at("state", state.updated_us),
                     "isActive": True,
                     "version": version,
                     "committedAt": SERVER_TIMESTAMP,
@@ -190,38 +205,96 @@ class FirestoreStore:
 
         async def body(tx: AsyncTransaction) -> int | None:
             snap, fence = await self._get_all(tx, ref, fence_ref)
-            wiped_at = _fence_us(fence)
-            fresh = [m for m in messages if m.at_us > wiped_at]
             doc = snap or {}
+            reset_us = to_micros(doc["resetAt"]) if doc.get("resetAt") else -1
+            fence_us = max(_fence_us(fence), reset_us)
+            silence = int(self._retention.profile * 1_000_000)
+            fresh = after_last_silence([m for m in messages if m.at_us > fence_us], silence)
             if not fresh:
                 return None
-            layout = _HistoryLayout.load(doc)
-            layout.merge(fresh, cap)
-            for chunk_id, chunk_messages in layout.new_chunks:
-                tx.set(ref.collection(HISTORY).document(chunk_id), _chunk_doc(chunk_messages))
-            for chunk_id in layout.dropped_chunks:
-                tx.delete(ref.collection(HISTORY).document(chunk_id))
             first = min(m.at_us for m in fresh)
             last = max(m.at_us for m in fresh)
+            layout = _HistoryLayout.load(doc)
+            if snap and self._retention.expired("profile", to_micros(doc["lastUpdated"]), first):
+                # Expired but not yet deleted by TTL: it must not come back with this append.
+                layout.dropped_chunks = [c["id"] for c in layout.chunks]
+                layout.chunks, layout.tail, snap, doc = [], [], None, {}
+            layout.merge(fresh, cap)
             created = min(to_micros(doc["createdAt"]), first) if snap else first
             updated = max(to_micros(doc["lastUpdated"]), last) if snap else last
             version = int(doc.get("version", 0)) + 1
-            tx.set(
-                ref,
-                {
-                    "userId": user_id,
-                    "createdAt": from_micros(created),
-                    "lastUpdated": from_micros(updated),
-                    "version": version,
-                    "committedAt": SERVER_TIMESTAMP,
-                    "tail": [_message_doc(m) for m in layout.tail],
-                    "chunks": layout.chunks,
-                    "nextChunk": layout.next_chunk,
-                },
-            )
+            self._write_history(tx, ref, layout, created, updated, version, reset_us)
             return version
 
         return await self._transaction("append", body)
+
+    async def replace_history(
+        self, user_id: str, messages: Sequence[Message], at_us: int, cap: int
+    ) -> int | None:
+        ref = self._db.collection(PROFILES).document(user_id)
+        fence_ref = self._db.collection(WIPED_USERS).document(user_id)
+
+        async def body(tx: AsyncTransaction) -> int | None:
+            snap, fence = await self._get_all(tx, ref, fence_ref)
+            if at_us <= _fence_us(fence):
+                return None
+            doc = snap or {}
+            old = _HistoryLayout.load(doc)
+            layout = _HistoryLayout([], [], old.next_chunk)
+            layout.dropped_chunks = [c["id"] for c in old.chunks]
+            layout.merge(messages, cap)
+            stamps = [m.at_us for m in messages] or [at_us]
+            created = min([*stamps, to_micros(doc["createdAt"])] if snap else stamps)
+            version = int(doc.get("version", 0)) + 1
+            self._write_history(tx, ref, layout, created, at_us, version, at_us)
+            return version
+
+        return await self._transaction("replace history", body)
+
+    def _write_history(
+        self,
+        tx: AsyncTransaction,
+        ref: Any,
+        layout: _HistoryLayout,
+        created_us: int,
+        updated_us: int,
+        version: int,
+        reset_us: int,
+    ) -> None:
+        expire_at = self._expire_at("profile", updated_us)
+        new_ids = {chunk_id for chunk_id, _ in layout.new_chunks}
+        for chunk_id, chunk_messages in layout.new_chunks:
+            doc = _chunk_doc(chunk_messages, expire_at)
+            tx.set(ref.collection(HISTORY).document(chunk_id), doc)
+        for chunk_id in layout.dropped_chunks:
+            tx.delete(ref.collection(HISTORY).document(chunk_id))
+        # A chunk lives as long as its profile only if its TTL moves along: push its expiry
+        # when it falls more than CHUNK_TTL_SLACK behind (a write a week, not one a flush).
+        for chunk in layout.chunks:
+            current = chunk.get("expireAt")
+            if chunk["id"] in new_ids:
+                chunk["expireAt"] = expire_at
+            elif current is None or current < expire_at - CHUNK_TTL_SLACK:
+                chunk["expireAt"] = expire_at
+                tx.update(ref.collection(HISTORY).document(chunk["id"]), {"expireAt": expire_at})
+        tx.set(
+            ref,
+            {
+                "userId": ref.id,
+                "createdAt": from_micros(created_us),
+                "lastUpdated": from_micros(updated_us),
+                "expireAt": expire_at,
+                "resetAt": from_micros(reset_us) if reset_us >= 0 else None,
+                "version": version,
+                "committedAt": SERVER_TIMESTAMP,
+                "tail": [_message_doc(m) for m in layout.tail],
+                "chunks": layout.chunks,
+                "nextChunk": layout.next_chunk,
+            },
+        )
+
+    def _expire_at(self, kind: str, last_us: int) -> datetime:
+        return from_micros(last_us) + timedelta(seconds=getattr(self._retention, kind))
 
     # ---- sessions ---------------------------------------------------------------------------
 
@@ -241,6 +314,10 @@ class FirestoreStore:
                 tx, ref, active_ref, user_fence_ref, session_fence_ref
             )
             current = _session_from(snap) if snap else None
+            if current is not None and self._retention.expired(
+                "session", current.last_activity_us, session.updated_us
+            ):
+                current = None  # expired, awaiting TTL: this write starts it afresh
             fence = max(_fence_us(user_fence), _fence_us(session_fence))
             if session.updated_us <= fence or (
                 current is not None
@@ -249,11 +326,116 @@ class FirestoreStore:
                 return None
             version = (current.version if current else 0) + 1
             created = min(current.created_us, session.created_us) if current else session.created_us
-            tx.set(ref, _session_doc(session, created, version))
-            _track_active(tx, active_ref, active, session, previous=current)
+            tx.set(ref, _session_doc(session, created, version, self._retention))
+            _track_active(tx, active_ref, active, session, current, self._retention)
             return version
 
         return await self._transaction("put session", body)
+
+    async def list_sessions(
+        self, user_id: str, limit: int, after: tuple[int, str] | None = None
+    ) -> list[SessionRecord]:
+        query = (
+            self._db.collection(SESSIONS)
+            .where(filter=FieldFilter("userId", "==", user_id))
+            .order_by("lastActivity", direction="DESCENDING")
+            .order_by("sessionId", direction="DESCENDING")
+        )
+        if after is not None:
+            query = query.start_after(
+                {"lastActivity": from_micros(after[0]), "sessionId": after[1]}
+            )
+        async with self._guard("list sessions"):
+            return [
+                _session_from(snap.to_dict() or {})
+                async for snap in query.limit(limit).stream(retry=READ_RETRY)
+            ]
+
+    # ---- snapshots --------------------------------------------------------------------------
+
+    async def put_snapshot(self, snapshot: Snapshot, keep: int) -> list[str]:
+        info = snapshot.info
+        ref = self._db.collection(SNAPSHOTS).document(info.snapshot_id)
+        expire_at = self._expire_at("snapshot", info.created_us)
+        parts = _pack(snapshot.messages)
+        async with self._guard("snapshot", deadline=self._timeout * 3):
+            # Parts first, the listed document last: a snapshot is never seen half-written.
+            for number, messages in enumerate(parts):
+                doc = _chunk_doc(messages, expire_at)
+                await ref.collection(PARTS).document(f"{number:06d}").set(doc)
+            await ref.set(
+                {
+                    "snapshotId": info.snapshot_id,
+                    "userId": info.user_id,
+                    "name": info.name,
+                    "createdAt": from_micros(info.created_us),
+                    "size": info.size,
+                    "stateJson": json.dumps(snapshot.state) if snapshot.state is not None else None,
+                    "parts": len(parts),
+                    "expireAt": expire_at,
+                }
+            )
+            infos = await self._snapshot_infos(info.user_id)
+            dropped = [i.snapshot_id for i in infos[keep:]]
+            for snapshot_id in dropped:
+                await self._delete_snapshot_docs(snapshot_id)
+        return dropped
+
+    async def list_snapshots(self, user_id: str) -> list[SnapshotInfo]:
+        async with self._guard("list snapshots"):
+            return await self._snapshot_infos(user_id)
+
+    async def _snapshot_infos(self, user_id: str) -> list[SnapshotInfo]:
+        query = (
+            self._db.collection(SNAPSHOTS)
+            .where(filter=FieldFilter("userId", "==", user_id))
+            .order_by("createdAt", direction="DESCENDING")
+            .select(["snapshotId", "userId", "name", "createdAt", "size"])
+            .limit(MAX_SNAPSHOT_LISTING)
+        )
+        return [_snapshot_info(snap.to_dict() or {}) async for snap in query.stream()]
+
+    async def get_snapshot(self, user_id: str, snapshot_id: str) -> Snapshot | None:
+        ref = self._db.collection(SNAPSHOTS).document(snapshot_id)
+        async with self._guard("get snapshot"):
+            snap = await ref.get(retry=READ_RETRY)
+            doc = snap.to_dict() or {}
+            if not snap.exists or doc.get("userId") != user_id:
+                return None
+            part_refs = [
+                ref.collection(PARTS).document(f"{n:06d}") for n in range(int(doc["parts"]))
+            ]
+            messages: list[Message] = []
+            if part_refs:
+                async for part in self._db.get_all(part_refs, retry=READ_RETRY):
+                    if not part.exists:
+                        return None  # TTL took part of it: a partial snapshot is no snapshot
+                    messages.extend(
+                        _message_from(m) for m in (part.to_dict() or {}).get("messages", [])
+                    )
+        state = json.loads(doc["stateJson"]) if doc.get("stateJson") else None
+        return Snapshot(_snapshot_info(doc), state, newest(messages, len(messages)))
+
+    async def delete_snapshot(self, user_id: str, snapshot_id: str) -> bool:
+        ref = self._db.collection(SNAPSHOTS).document(snapshot_id)
+        async with self._guard("delete snapshot"):
+            snap = await ref.get(retry=READ_RETRY)
+            if not snap.exists or (snap.to_dict() or {}).get("userId") != user_id:
+                return False
+            await self._delete_snapshot_docs(snapshot_id)
+        return True
+
+    async def _delete_snapshot_docs(self, snapshot_id: str) -> None:
+        ref = self._db.collection(SNAPSHOTS).document(snapshot_id)
+        doomed = [r async for r in ref.collection(PARTS).list_documents()]
+        await self._delete_all([ref, *doomed])
+
+    async def _delete_all(self, refs: Sequence[Any]) -> None:
+        for start in range(0, len(refs), BATCH_LIMIT):
+            batch = self._db.batch()
+            for doc_ref in refs[start : start + BATCH_LIMIT]:
+                batch.delete(doc_ref)
+            await batch.commit()
 
     async def active_sessions(self, user_id: str) -> list[SessionRecord]:
         query = (
@@ -281,7 +463,7 @@ class FirestoreStore:
             if current is not None:
                 tx.delete(ref)
             if active_ref is not None:
-                _track_active(tx, active_ref, active, None, previous=current)
+                _track_active(tx, active_ref, active, None, current, self._retention)
             return current
 
         return await self._transaction("delete session", body)
@@ -309,25 +491,32 @@ class FirestoreStore:
             chunk_refs = [r async for r in profile_ref.collection(HISTORY).list_documents()]
             doomed = [state_ref, profile_ref, *chunk_refs, *session_refs]
             doomed.append(self._db.collection(ACTIVE_USERS).document(user_id))
-            for start in range(0, len(doomed), BATCH_LIMIT):
-                batch = self._db.batch()
-                for doc_ref in doomed[start : start + BATCH_LIMIT]:
-                    batch.delete(doc_ref)
-                await batch.commit()
+            await self._delete_all(doomed)
+            snapshots = await self._snapshot_infos(user_id)
+            for info in snapshots:
+                await self._delete_snapshot_docs(info.snapshot_id)
         return WipeReport(
             user_state=state_snap.exists,
             user_profile=profile_snap.exists,
             session_ids=[r.id for r in session_refs],
+            snapshots=len(snapshots),
         )
 
     # ---- stats, change feed, health ---------------------------------------------------------
 
-    async def counts(self) -> StoreCounts:
-        active = self._db.collection(SESSIONS).where(filter=FieldFilter("isActive", "==", True))
-        queries = [
-            active.count(),
-            self._db.collection(ACTIVE_USERS).count(),  # type: ignore[no-untyped-call]
-            self._db.collection(PROFILES).count(),  # type: ignore[no-untyped-call]
+    async def counts(self, now_us: int, active_since_us: int) -> StoreCounts:
+        since = from_micros(active_since_us)
+        queries: list[Any] = [
+            self._db.collection(SESSIONS)
+            .where(filter=FieldFilter("isActive", "==", True))
+            .where(filter=FieldFilter("lastActivity", ">=", since))
+            .count(),
+            self._db.collection(ACTIVE_USERS)
+            .where(filter=FieldFilter("lastActivity", ">=", since))
+            .count(),
+            self._db.collection(PROFILES)
+            .where(filter=FieldFilter("expireAt", ">", from_micros(now_us)))
+            .count(),
         ]
         async with self._guard("count"):
             results = await asyncio.gather(*(q.get(retry=READ_RETRY) for q in queries))
@@ -471,26 +660,56 @@ def _message_from(doc: dict[str, Any]) -> Message:
     )
 
 
-def _chunk_doc(messages: list[Message]) -> dict[str, Any]:
+def _pack(messages: Sequence[Message]) -> list[list[Message]]:
+    """Messages in documents of at most CHUNK_BUDGET bytes each."""
+    parts: list[list[Message]] = []
+    size = CHUNK_BUDGET
+    for message in messages:
+        if size + message.nbytes > CHUNK_BUDGET:
+            parts.append([])
+            size = 0
+        parts[-1].append(message)
+        size += message.nbytes
+    return parts
+
+
+def _snapshot_info(doc: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(
+        snapshot_id=doc["snapshotId"],
+        user_id=doc["userId"],
+        name=doc["name"],
+        created_us=to_micros(doc["createdAt"]),
+        size=int(doc["size"]),
+    )
+
+
+def _chunk_doc(messages: Sequence[Message], expire_at: datetime) -> dict[str, Any]:
     return {
         "messages": [_message_doc(m) for m in messages],
         "count": len(messages),
         "minId": messages[0].id,
         "maxId": messages[-1].id,
+        "expireAt": expire_at,
     }
 
 
-def _session_doc(s: SessionRecord, created_us: int, version: int) -> dict[str, Any]:
+def _session_doc(
+    s: SessionRecord, created_us: int, version: int, retention: Retention
+) -> dict[str, Any]:
     return {
         "sessionId": s.session_id,
         "userId": s.user_id,
         "language": s.language,
         "metadataJson": json.dumps(s.metadata, separators=(",", ":")),
+        "contextJson": json.dumps(s.context, separators=(",", ":")),
+        "participants": [_participant_doc(p) for p in s.participants],
         "isActive": s.is_active,
+        "status": "active" if s.is_active else "ended",
         "createdAt": from_micros(created_us),
         "lastActivity": from_micros(s.last_activity_us),
         "endedAt": from_micros(s.ended_us) if s.ended_us is not None else None,
         "updatedAt": from_micros(s.updated_us),
+        "expireAt": from_micros(s.last_activity_us) + timedelta(seconds=retention.session),
         "version": version,
         "committedAt": SERVER_TIMESTAMP,
     }
@@ -509,6 +728,33 @@ def _session_from(doc: dict[str, Any]) -> SessionRecord:
         ended_us=to_micros(ended) if ended is not None else None,
         updated_us=to_micros(doc["updatedAt"]),
         version=int(doc.get("version", 0)),
+        context=json.loads(doc.get("contextJson") or "{}"),
+        participants=tuple(_participant_from(p) for p in doc.get("participants", [])),
+    )
+
+
+def _participant_doc(p: Participant) -> dict[str, Any]:
+    return {
+        "connectionId": p.connection_id,
+        "userId": p.user_id,
+        "deviceId": p.device_id,
+        "platform": p.platform,
+        "joinedAt": from_micros(p.joined_us),
+        "lastSeen": from_micros(p.last_seen_us),
+        "leftAt": from_micros(p.left_us) if p.left_us is not None else None,
+    }
+
+
+def _participant_from(doc: dict[str, Any]) -> Participant:
+    left = doc.get("leftAt")
+    return Participant(
+        connection_id=doc["connectionId"],
+        user_id=doc["userId"],
+        device_id=doc.get("deviceId"),
+        platform=doc.get("platform"),
+        joined_us=to_micros(doc["joinedAt"]),
+        last_seen_us=to_micros(doc["lastSeen"]),
+        left_us=to_micros(left) if left is not None else None,
     )
 
 
@@ -518,18 +764,29 @@ def _track_active(
     doc: dict[str, Any] | None,
     session: SessionRecord | None,
     previous: SessionRecord | None,
+    retention: Retention,
 ) -> None:
-    """Keep active_users/{userId} listing exactly the user's active sessions."""
-    ids = set((doc or {}).get("sessionIds", []))
-    before = set(ids)
+    """Keep active_users/{userId} listing the user's active sessions with their last activity,
+    so that "users with a session active since T" is one count() query."""
+    sessions: dict[str, Any] = dict((doc or {}).get("sessions", {}))
+    before = dict(sessions)
     if previous is not None:
-        ids.discard(previous.session_id)
+        sessions.pop(previous.session_id, None)
     if session is not None and session.is_active:
-        ids.add(session.session_id)
-    if ids == before:
+        sessions[session.session_id] = from_micros(session.last_activity_us)
+    if sessions == before:
         return
-    if ids:
-        user_id = session.user_id if session else previous.user_id  # type: ignore[union-attr]
-        tx.set(ref, {"userId": user_id, "sessionIds": sorted(ids)})
-    else:
+    if not sessions:
         tx.delete(ref)
+        return
+    last = max(sessions.values())
+    user_id = session.user_id if session else previous.user_id  # type: ignore[union-attr]
+    tx.set(
+        ref,
+        {
+            "userId": user_id,
+            "sessions": sessions,
+            "lastActivity": last,
+            "expireAt": last + timedelta(seconds=retention.session),
+        },
+    )

@@ -9,6 +9,7 @@ from aiohttp import web
 from samvad.api.keys import SERVICE, SETTINGS
 from samvad.api.lifecycle import lifecycle_routes
 from samvad.api.middlewares import errors
+from samvad.api.realtime import CLOSE_GOING_AWAY, CONNECTIONS, Connections, realtime_routes
 from samvad.api.routes import routes
 from samvad.clock import Clock
 from samvad.config import Settings
@@ -41,7 +42,21 @@ def create_app(
         yield
         await service.close()
 
+    async def connections_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[CONNECTIONS] = Connections(app[SERVICE], settings)
+        yield
+        app[CONNECTIONS].cancel_graces()
+
+    async def close_sockets(app: web.Application) -> None:
+        # Flush first: an agent told "going away" may reconnect elsewhere at once and must
+        # find there every write it was acknowledged for on this instance.
+        await app[SERVICE].drain()
+        await app[CONNECTIONS].close_all(CLOSE_GOING_AWAY, "going away")
+
     app.cleanup_ctx.append(service_ctx)
+    app.cleanup_ctx.append(connections_ctx)
+    app.on_shutdown.append(close_sockets)
     app.add_routes(routes)
     app.add_routes(lifecycle_routes)
+    app.add_routes(realtime_routes)
     return app

@@ -56,6 +56,13 @@ class Settings(BaseModel):
     sync_interval: float = Field(default=1.0, ge=0, description="0 turns the change feed off")
     stats_ttl: float = Field(default=2.0, ge=0)
 
+    # agent websockets (/ws)
+    ws_max_frame_bytes: int = Field(default=256 * 1024, ge=1024, description="largest frame taken")
+    ws_resume_grace: float = Field(
+        default=600.0, ge=0, description="seconds a dropped session stays active for a reconnect"
+    )
+    ws_heartbeat: float = Field(default=20.0, gt=0, description="seconds between pings")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.retry_max < self.retry_base:

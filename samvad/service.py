@@ -250,7 +250,9 @@ class SessionPersistenceService:
         if state.nbytes > self.settings.max_state_bytes:
             raise PayloadTooLarge(f"state is over {self.settings.max_state_bytes} bytes")
         waiter = self.writer.submit(("state", user_id), state, durable)
-        self.events.publish(Event(user_id, "state", {"updatedUs": state.updated_us}, origin))
+        self.events.publish(
+            Event(user_id, "state", {"updatedUs": state.updated_us, "state": data}, origin)
+        )
         return Ack(state, await self._settle(waiter))
 
     async def get_user_state(self, user_id: str) -> UserState:
@@ -542,12 +544,17 @@ class SessionPersistenceService:
     async def share_context(self, user_id: str, key: str, value: Any) -> list[str]:
         """Set one context key on every active session of the user; returns their ids."""
         listing = await self.get_user_active_sessions(user_id)
-        shared = []
+        contexts = {}
         for record in listing.sessions:
-            await self.update_session(record.session_id, context={key: value})
-            shared.append(record.session_id)
+            updated = await self.update_session(record.session_id, context={key: value})
+            contexts[record.session_id] = updated.context
+        shared = list(contexts)
         self.events.publish(
-            Event(user_id, "context", {"key": key, "value": value, "sessionIds": shared})
+            Event(
+                user_id,
+                "context",
+                {"key": key, "value": value, "sessionIds": shared, "contexts": contexts},
+            )
         )
         return shared
 
@@ -574,13 +581,21 @@ class SessionPersistenceService:
             replace(p, left_us=now, last_seen_us=now) if p.connection_id == connection_id else p
             for p in record.participants
         ]
-        return self._put_participants(record, participants, now)
+        # Leaving is not activity: a dropped session must still end when its grace runs out.
+        return self._put_participants(record, participants, now, activity=False)
 
     def _put_participants(
-        self, record: SessionRecord, participants: list[Participant], now: int
+        self,
+        record: SessionRecord,
+        participants: list[Participant],
+        now: int,
+        activity: bool = True,
     ) -> SessionRecord:
         updated = replace(
-            record, participants=tuple(participants), last_activity_us=now, updated_us=now
+            record,
+            participants=tuple(participants),
+            last_activity_us=now if activity else record.last_activity_us,
+            updated_us=now,
         )
         self.writer.submit(("session", record.session_id), updated)
         return updated

@@ -207,7 +207,7 @@ async def test_participants_join_and_leave(client: Client) -> None:
     await svc.join_session("s1", "conn-2", platform="web")
     await svc.leave_session("s1", "conn-1")
     participants = (await body(await client.get(f"{API}/s1")))["session"]["participants"]
-    assert [(p["deviceId"] if "deviceId" in p else None, p["platform"]) for p in participants] == [
+    assert [(p.get("deviceId"), p["platform"]) for p in participants] == [
         ("phone", "ios"),
         (None, "web"),
     ]
@@ -271,7 +271,7 @@ async def test_snapshot_of_a_large_history_round_trips(client: Client) -> None:
 
 
 async def test_export_holds_exactly_the_users_data(client: Client) -> None:
-    for user, other in (("u1", "u2"), ("u2", "u1")):
+    for user in ("u1", "u2"):
         await body(await client.post(f"{API}/{user}/state", json={"owner": user}))
         await body(
             await client.post(f"{API}/{user}/history", json={"role": "user", "content": user})
@@ -305,3 +305,53 @@ async def test_export_holds_exactly_the_users_data(client: Client) -> None:
         [],
         [],
     )
+
+
+async def ready(ws: Any) -> dict[str, Any]:
+    frame = await ws.receive_json(timeout=10)
+    assert frame["type"] == "ready", frame
+    return frame  # type: ignore[no-any-return]
+
+
+async def next_event(ws: Any) -> dict[str, Any]:
+    while True:
+        frame = await ws.receive_json(timeout=10)
+        if frame["type"] == "event":
+            return frame  # type: ignore[no-any-return]
+
+
+async def test_websocket_participants_join_and_leave(client: Client) -> None:
+    phone = await client.ws_connect("/ws?userId=u1&sessionId=s1&deviceId=phone-1&platform=ios")
+    await ready(phone)
+    web_ = await client.ws_connect("/ws?userId=u1&sessionId=s1&platform=web")
+    await ready(web_)
+    await phone.close()
+    participants: list[dict[str, Any]] = []
+    for _ in range(50):  # the leave is recorded once the server sees the close
+        participants = (await body(await client.get(f"{API}/s1")))["session"]["participants"]
+        if "leftAt" in participants[0]:
+            break
+        await asyncio.sleep(0.1)
+    assert [(p.get("deviceId"), p["platform"], p["userId"]) for p in participants] == [
+        ("phone-1", "ios", "u1"),
+        (None, "web", "u1"),
+    ]
+    assert "leftAt" in participants[0] and "leftAt" not in participants[1]
+    await web_.close()
+
+
+async def test_share_reaches_the_sockets_of_active_sessions(client: Client) -> None:
+    first = await client.ws_connect("/ws?userId=u1&sessionId=a")
+    await ready(first)
+    second = await client.ws_connect("/ws?userId=u1&sessionId=b")
+    await ready(second)
+    shared = await body(
+        await client.post(f"{API}/user/u1/share", json={"key": "cart", "value": [1, 2]})
+    )
+    assert sorted(shared["sessionIds"]) == ["a", "b"]
+    for ws in (first, second):
+        event = await next_event(ws)
+        assert event["event"] == "context" and event["key"] == "cart"
+        assert event["value"] == [1, 2] and event["context"] == {"cart": [1, 2]}
+    await first.close()
+    await second.close()

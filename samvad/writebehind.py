@@ -107,7 +107,6 @@ class WriteBehind:
         self._flushes = 0
         self._failures = 0
         self._accepting = True
-        self._urgent = False
         self._task: asyncio.Task[None] | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
 
@@ -226,8 +225,12 @@ class WriteBehind:
     async def drain(self, budget: float) -> bool:
         """Stop taking writes and flush everything now. True if nothing is left pending."""
         self._accepting = False
-        self._urgent = True
         self._health.retry_max = min(self._health.retry_max, 0.5)
+        now = monotonic()
+        for key, entry in self._entries.items():
+            if entry.attempts == 0:  # what is backing off after a failure keeps its backoff
+                entry.due = now
+                self._schedule(key, now)
         self._wake.set()
         try:
             async with asyncio.timeout(budget):
@@ -274,7 +277,7 @@ class WriteBehind:
                 if key in self._held:
                     heapq.heappop(self._heap)  # re-pushed when the hold ends
                     continue
-                if due > now and not self._urgent:
+                if due > now:
                     break
                 heapq.heappop(self._heap)
                 await self._slots.acquire()
@@ -283,7 +286,7 @@ class WriteBehind:
                 self._flush_tasks.add(task)
                 task.add_done_callback(self._flush_tasks.discard)
             timeout = None
-            if self._heap and not self._urgent:
+            if self._heap:
                 timeout = max(0.0, self._heap[0][0] - monotonic())
             try:
                 async with asyncio.timeout(timeout):
@@ -314,6 +317,7 @@ class WriteBehind:
                     return
                 except Exception:
                     self._failures += 1
+                    entry.attempts += 1
                     log.exception(
                         "flush failed; kept for retry", extra={"json_fields": {"kind": key[0]}}
                     )
@@ -321,6 +325,7 @@ class WriteBehind:
                     return
                 self._health.record_success()
                 self._flushes += 1
+                entry.attempts = 0
                 self._last_flush[key] = monotonic()
                 current = self._entries.get(key)
                 if current is not entry:

@@ -4,6 +4,7 @@
 #   PYTHON       interpreter used to create .venv (default: first Python >= 3.11 found)
 #   HOST, PORT   where `make run` listens (default 127.0.0.1:8080)
 #   PYTEST_ARGS  extra arguments for pytest, e.g. PYTEST_ARGS='-k sessions -x'
+#   BENCH_ARGS   extra arguments for `python -m bench`, e.g. BENCH_ARGS='--only http'
 #   FIRESTORE_EMULATOR_HOST  use an emulator you started yourself instead of gcloud's
 
 VENV        := .venv
@@ -13,6 +14,7 @@ VENV_STAMP  := $(VENV)/.samvad-dev-installed
 HOST        ?= 127.0.0.1
 PORT        ?= 8080
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 # First interpreter that is Python >= 3.11 (deferred: only evaluated when needed).
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
@@ -21,7 +23,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	  command -v $$p; break; fi; done)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv check-emulator run test lint fmt clean FORCE
+.PHONY: help venv check-emulator run test lint fmt clean browser deploy bench FORCE
 
 help:
 	@echo "make run             run samvad on http://$(HOST):$(PORT) against a fresh Firestore emulator"
@@ -31,6 +33,9 @@ help:
 	@echo "make venv            create .venv and install samvad[dev] (again when pyproject.toml changes)"
 	@echo "make check-emulator  check that the Firestore emulator (or FIRESTORE_EMULATOR_HOST) is available"
 	@echo "make clean           remove .venv, caches and build output"
+	@echo "make browser         install Debian's chromium for the dashboard test (needs root)"
+	@echo "make deploy          deploy to Cloud Run: PROJECT=... REGION=... (deploy/deploy.sh)"
+	@echo "make bench           benchmarks (~10-15 min): bench/results/latest.json, BENCHMARKS.md, plots"
 
 venv: $(VENV_STAMP)
 
@@ -80,6 +85,32 @@ lint: venv
 fmt: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The dashboard test drives a real headless Chromium (Playwright with Debian's build: Playwright's
+# own browser download is not reachable from CI).
+browser:
+	@if [ -x /usr/bin/chromium ]; then \
+	  echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium fonts-liberation; \
+	else \
+	  echo "make browser: no apt-get here; install chromium at /usr/bin/chromium yourself" >&2; \
+	fi
+
+deploy:
+	bash deploy/deploy.sh
+
+# The bench extra (matplotlib, py-spy) on top of .[dev]; reinstalled when pyproject.toml changes.
+$(VENV)/.samvad-bench-installed: $(VENV_STAMP)
+	PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+	  $(VENV_PY) -m pip install --progress-bar off -e '.[dev,bench]'
+	@touch $@
+
+# Starts its own Firestore emulator (or uses FIRESTORE_EMULATOR_HOST); BENCH_ARGS='--quick'.
+bench: $(VENV)/.samvad-bench-installed check-emulator
+	$(VENV_PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts

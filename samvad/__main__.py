@@ -8,6 +8,7 @@ import sys
 from aiohttp import web
 
 from samvad.app import create_app
+from samvad.auth import AuthConfigError
 from samvad.config import Settings
 from samvad.logs import AccessLogger, configure
 
@@ -33,10 +34,15 @@ def main() -> None:
             }
         },
     )
+    try:
+        app = create_app(settings)
+    except AuthConfigError as exc:  # e.g. authentication required and no credentials set
+        log.critical(str(exc))
+        sys.exit(2)
     # In-flight requests get 1 s on SIGTERM; the write-behind flush then has its own budget,
     # both inside Cloud Run's 10 s grace period.
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         shutdown_timeout=1.0,

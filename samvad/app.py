@@ -6,11 +6,16 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from samvad.api.dashboard import setup_dashboard
 from samvad.api.keys import SERVICE, SETTINGS
 from samvad.api.lifecycle import lifecycle_routes
+from samvad.api.metrics import request_metrics, setup_metrics
 from samvad.api.middlewares import errors
+from samvad.api.observability import request_context, setup_observability
+from samvad.api.openapi import setup_openapi
 from samvad.api.realtime import CLOSE_GOING_AWAY, CONNECTIONS, Connections, realtime_routes
 from samvad.api.routes import routes
+from samvad.api.security import install_security
 from samvad.clock import Clock
 from samvad.config import Settings
 from samvad.service import SessionPersistenceService
@@ -32,8 +37,15 @@ def create_app(
     store_factory: StoreFactory = firestore_store,
     clock: Clock | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors])
+    # Request context outermost: every line logged while handling a request, errors included,
+    # carries its trace; metrics next, so they see the status the error middleware answered.
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_context(settings.project), request_metrics, errors],
+    )
     app[SETTINGS] = settings
+    # Inside the error middleware; refuses (AuthConfigError) when auth cannot work.
+    install_security(app, settings)
 
     async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         service = SessionPersistenceService(store_factory(settings), settings, clock=clock)
@@ -56,6 +68,10 @@ def create_app(
     app.cleanup_ctx.append(service_ctx)
     app.cleanup_ctx.append(connections_ctx)
     app.on_shutdown.append(close_sockets)
+    setup_observability(app)
+    setup_metrics(app)
+    setup_dashboard(app)
+    setup_openapi(app)
     app.add_routes(routes)
     app.add_routes(lifecycle_routes)
     app.add_routes(realtime_routes)

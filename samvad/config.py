@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from samvad.store.base import Retention
 
@@ -62,6 +69,21 @@ class Settings(BaseModel):
         default=600.0, ge=0, description="seconds a dropped session stays active for a reconnect"
     )
     ws_heartbeat: float = Field(default=20.0, gt=0, description="seconds between pings")
+
+    # security (README "Security"); secrets are SecretStr so that no repr or dump shows them
+    auth: Literal["none", "required"] = "required"
+    api_keys: SecretStr | None = Field(default=None, description="comma-separated role:key")
+    api_keys_file: str | None = Field(default=None, description="one role:key a line")
+    jwt_secret: SecretStr | None = Field(default=None, description="HS256 key of user tokens")
+    jwt_jwks_url: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = Field(default=30.0, ge=0, le=300, description="seconds of clock skew")
+    cors_origins: str | None = Field(default=None, description="comma-separated origins")
+    rate_refresh_per_minute: float = Field(default=10.0, ge=0, description="0: no limit")
+    rate_append_per_second: float = Field(default=50.0, ge=0, description="0: no limit")
+    rate_principals: int = Field(default=100_000, ge=1, description="buckets kept per limit")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

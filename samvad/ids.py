@@ -7,7 +7,9 @@ import secrets
 
 from samvad.errors import InvalidId
 
-MAX_ID_BYTES = 1500
+# A document id may be 1500 bytes, but a user id is also a value that queries compare, and
+# Firestore refuses 1500-byte query values ("too large to be used in a query": a 500 before).
+MAX_ID_BYTES = 1499
 _RESERVED_PATTERN = re.compile(r"^__.*__$", re.DOTALL)
 # Path words of the API that a session id must never be mistaken for.
 RESERVED_SESSION_IDS = frozenset({"stats", "create", "refresh", "user"})

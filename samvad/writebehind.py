@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 Key = tuple[str, str]  # (kind, document id)
+# Told of every flush attempt: (kind, seconds it took, whether it landed). Metrics, never logic.
+FlushHook = Callable[[str, float, bool], None]
 
 
 class Coalescer(Protocol[V]):
@@ -83,7 +85,9 @@ class WriteBehind:
         flush_interval: float,
         concurrency: int,
         max_bytes: int,
+        on_flush: FlushHook | None = None,
     ) -> None:
+        self.on_flush = on_flush
         self._health = health
         self._delay = flush_delay
         self._interval = flush_interval
@@ -303,8 +307,10 @@ class WriteBehind:
                     return
                 snapshot, generation = entry.value, entry.generation
                 started = monotonic()
+                landed = False
                 try:
                     written = await kind.flush(key[1], snapshot)
+                    landed = True
                 except StoreUnavailable as exc:
                     self._failures += 1
                     self._health.record_failure(exc)
@@ -323,6 +329,9 @@ class WriteBehind:
                     )
                     self._reschedule(key, monotonic() + self._health.retry_max)
                     return
+                finally:
+                    if self.on_flush is not None:
+                        self.on_flush(key[0], monotonic() - started, landed)
                 self._health.record_success()
                 self._flushes += 1
                 entry.attempts = 0

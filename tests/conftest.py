@@ -18,6 +18,7 @@ from samvad.emulator import EmulatorError, FirestoreEmulator
 
 # Short windows so that tests see flushes and cross-instance changes quickly.
 FAST: dict[str, Any] = {
+    "auth": "none",  # tests/test_auth.py turns it on
     "flush_delay": 0.02,
     "flush_interval": 0.1,
     "sync_interval": 0.2,

@@ -384,12 +384,12 @@ async def test_encoded_slash_in_a_path_id_is_400(client: Client) -> None:
     await failed(await client.get(f"{API}/a%2Fb/state"), 400)
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "__id__", "x" * 1501, 7, None])
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "__id__", "x" * 1500, 7, None])
 def test_id_rules(bad: Any) -> None:
     with pytest.raises(InvalidId):
         check_id("userId", bad)
 
 
-@pytest.mark.parametrize("good", ["user_456", "x" * 1500, "ünïcode", "a.b", "_x_", "__x"])
+@pytest.mark.parametrize("good", ["user_456", "x" * 1499, "ünïcode", "a.b", "_x_", "__x"])
 def test_valid_ids(good: str) -> None:
     assert check_id("userId", good) == good

@@ -20,6 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ValidationError
 
 from samvad.api.routes import MAX_JSON_DEPTH, SESSION_ID, read_object, render, service
+from samvad.api.security import take_rate
 from samvad.clock import from_micros, iso, monotonic
 from samvad.config import Settings
 from samvad.errors import InvalidInput, NotFound, PayloadTooLarge, SamvadError, ShuttingDown
@@ -492,6 +493,7 @@ class Connection:
             self.error(frame_id, "internal error")
 
     async def _message(self, frame: MessageFrame, data: dict[str, Any], size: int) -> None:
+        take_rate(self.request, "append")  # the REST appends' limit: RateLimited is a 429 error
         await self.service.append_to_user_history(
             self.user_id, frame.role, frame.content, origin=self.id
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -57,10 +58,13 @@ def render(
     keep_nulls: bool = False,
 ) -> web.Response:
     """JSON of `model`; None fields are left out unless `keep_nulls` (then unset ones are)."""
+    # Bytes straight from pydantic's serializer: a str body (model_dump_json) would be decoded
+    # only to be re-encoded by aiohttp's payload machinery, a few µs on every response.
+    serializer = model.__pydantic_serializer__
     body = (
-        model.model_dump_json(by_alias=True, exclude_unset=True)
+        serializer.to_json(model, by_alias=True, exclude_unset=True)
         if keep_nulls
-        else model.model_dump_json(by_alias=True, exclude_none=True)
+        else serializer.to_json(model, by_alias=True, exclude_none=True)
     )
     return web.Response(
         status=status,
@@ -89,12 +93,18 @@ def _too_deep(value: Any, limit: int) -> bool:
 async def read_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # over client_max_size: 413, rendered by the middleware
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise InvalidInput("request body is not valid JSON") from None
+        data = orjson.loads(raw)  # about 10x the standard parser; refuses NaN and Infinity too
+    except orjson.JSONDecodeError:
+        # orjson also refuses some valid JSON (integers beyond 64 bits, lone surrogate escapes,
+        # UTF-16): the standard parser decides those, so the accepted bodies stay the same.
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
-    if _too_deep(data, MAX_JSON_DEPTH):
+    # Nesting needs an opening bracket per level: a body with few cannot be too deep.
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _too_deep(data, MAX_JSON_DEPTH):
         raise InvalidInput(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
     return data
 

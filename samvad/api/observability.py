@@ -1,0 +1,100 @@
+"""Per-request context for Cloud Logging: the trace from the load balancer and a request id.
+
+Cloud Run's front end sends `X-Cloud-Trace-Context: TRACE_ID/SPAN_ID;o=1` (span id in decimal);
+W3C clients send `traceparent: 00-<trace>-<span>-<flags>` (span id in hex). Either becomes
+`logging.googleapis.com/trace` = `projects/<project>/traces/<trace>` on every log line of the
+request, so Cloud Logging shows a request's lines together, under its trace.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from multidict import CIMultiDictProxy
+
+from samvad.logs import CURRENT_REQUEST, REQUEST_LOG_CONTEXT, RequestLogContext
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# What a request id from a client or a proxy may look like to be taken as is: short, and nothing
+# that could forge a log field or carry a sentence of personal data.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+/=-]{0,127}")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=([0-9]+))?")
+_MAX_SPAN = 2**64 - 1
+
+
+def parse_traceparent(value: str) -> tuple[str, str, bool] | None:
+    """(trace id, span id in hex, sampled) of a W3C `traceparent`, or None if it is not one."""
+    match = _TRACEPARENT.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags = match.groups()
+    if version == "ff" or trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+def parse_cloud_trace(value: str) -> tuple[str, str | None, bool | None] | None:
+    """(trace id, span id in hex, sampled) of an `X-Cloud-Trace-Context`, or None."""
+    match = _CLOUD_TRACE.fullmatch(value.strip())
+    if match is None:
+        return None
+    trace_id, span, option = match.groups()
+    trace_id = trace_id.lower()
+    if trace_id == "0" * 32:
+        return None
+    span_id = None
+    if span is not None and 0 < int(span) <= _MAX_SPAN:
+        span_id = f"{int(span):016x}"  # Cloud Logging wants the span id as 16 hex digits
+    sampled = None if option is None else option == "1"
+    return trace_id, span_id, sampled
+
+
+def request_log_context(headers: CIMultiDictProxy[str], project: str) -> RequestLogContext:
+    offered = headers.get(REQUEST_ID_HEADER, "")
+    request_id = offered if _SANE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+    trace: tuple[str, str | None, bool | None] | None = parse_traceparent(
+        headers.get("traceparent", "")
+    )
+    if trace is None:
+        trace = parse_cloud_trace(headers.get("X-Cloud-Trace-Context", ""))
+    if trace is None:
+        return RequestLogContext(request_id=request_id)
+    trace_id, span_id, sampled = trace
+    return RequestLogContext(
+        request_id=request_id,
+        trace=f"projects/{project}/traces/{trace_id}",
+        span_id=span_id,
+        sampled=sampled,
+    )
+
+
+def request_context(project: str) -> Middleware:
+    """The outermost middleware: every later log line of the request carries its context."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        context = request_log_context(request.headers, project)
+        request[REQUEST_LOG_CONTEXT] = context
+        token = CURRENT_REQUEST.set(context)
+        try:
+            return await handler(request)
+        finally:
+            CURRENT_REQUEST.reset(token)
+
+    return middleware
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer names its request id, websocket upgrades and the
+    error middleware's answers included (they are prepared after a handler set their headers)."""
+    context = request.get(REQUEST_LOG_CONTEXT)
+    if context is not None:
+        response.headers[REQUEST_ID_HEADER] = context.request_id
+
+
+def setup_observability(app: web.Application) -> None:
+    app.on_response_prepare.append(echo_request_id)

@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROLES = frozenset({"user", "assistant", "system"})
-# One history flush stays well under Firestore's 10 MiB transaction limit.
-FLUSH_SLICE_BYTES = 4 * 1024 * 1024
+# One history flush commits this much at most, plus the profile's inline tail: well under
+# the 4 MiB a gRPC message may carry by default (the emulator refuses more; Firestore 10 MiB).
+FLUSH_SLICE_BYTES = 2 * 1024 * 1024
 SESSION_PEEK = 0.25
 MAX_PARTICIPANTS = 20
 # Listing by status filters pages on read: bound the documents one request may scan.

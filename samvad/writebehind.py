@@ -349,7 +349,12 @@ class WriteBehind:
                     self._remove(key, entry)
                 else:
                     self._resize(entry, left)
-                    self._reschedule(key, max(monotonic() + self._delay, started + self._interval))
+                    # Coalescing serves running traffic; a shutdown flush takes the rest at once.
+                    now = monotonic()
+                    due = (
+                        max(now + self._delay, started + self._interval) if self._accepting else now
+                    )
+                    self._reschedule(key, due)
         finally:
             self._in_flight.discard(key)
             self._slots.release()

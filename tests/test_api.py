@@ -393,3 +393,29 @@ def test_id_rules(bad: Any) -> None:
 @pytest.mark.parametrize("good", ["user_456", "x" * 1499, "ünïcode", "a.b", "_x_", "__x"])
 def test_valid_ids(good: str) -> None:
     assert check_id("userId", good) == good
+
+
+async def test_large_appends_land_whatever_the_flush_rounds(
+    aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings]
+) -> None:
+    """29 messages of 60 KiB stored, then 71 more held for the shutdown flush: one commit
+    cannot carry them (the emulator, like gRPC's default, takes 4 MiB a message), so they
+    must land in slices, each with the profile's inline tail."""
+    settings = make_settings(flush_delay=60, flush_interval=60)
+    first = await aiohttp_client(create_app(settings))
+    sent = [f"{i:03d}" + "x" * (60 * 1024 - 3) for i in range(100)]
+    for i, text in enumerate(sent[:29]):
+        durable = "?durable=true" if i == 28 else ""  # flushes the first 29 now
+        reply = await ok(
+            await first.post(f"{API}/u1/history{durable}", json={"role": "user", "content": text})
+        )
+    assert reply["durable"] is True
+    for text in sent[29:]:
+        await ok(await first.post(f"{API}/u1/history", json={"role": "user", "content": text}))
+    await first.close()  # the shutdown flush takes all 71 at once
+    store = FirestoreStore.connect(settings.project)
+    try:
+        profile = await store.get_profile("u1", 100)
+    finally:
+        await store.close()
+    assert profile is not None and [m.content for m in profile.messages] == sent

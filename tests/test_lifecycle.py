@@ -259,7 +259,7 @@ async def test_snapshots_capture_restore_undo_and_cap(
 
 
 async def test_snapshot_of_a_large_history_round_trips(client: Client) -> None:
-    sent = [f"{i:02d}" + "x" * (60 * 1024 - 2) for i in range(30)]  # ~1.8 MB: several parts
+    sent = [f"{i:03d}" + "x" * (60 * 1024 - 3) for i in range(100)]  # 6 MB: many commits
     for text in sent:
         await body(await client.post(f"{API}/u1/history", json={"role": "user", "content": text}))
     snap = await body(await client.post(f"{API}/u1/snapshots", json={"name": "big"}), 201)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -57,6 +58,7 @@ from samvad.store.base import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 STATES = "user_states"
 PROFILES = "user_profiles"
@@ -127,8 +129,8 @@ class FirestoreStore:
         async with self._guard(what, deadline=self._timeout * 3):
             try:
                 return await async_transactional(body)(self._db.transaction(max_attempts=10))
-            except ValueError as exc:  # the library's "failed to commit in N attempts"
-                raise StoreContention(f"firestore {what}: {exc}") from exc
+            except ValueError as exc:
+                raise _classify_transaction_error(what, exc) from exc
 
     async def _get_all(self, tx: AsyncTransaction, *refs: Any) -> list[dict[str, Any] | None]:
         """Read documents inside a transaction (which locks them), in the order asked."""
@@ -185,10 +187,16 @@ class FirestoreStore:
             messages = [_message_from(m) for m in doc.get("tail", [])]
             if chunk_refs:
                 async for chunk in self._db.get_all(chunk_refs, retry=READ_RETRY):
-                    if chunk.exists:
-                        messages.extend(
-                            _message_from(m) for m in (chunk.to_dict() or {}).get("messages", [])
+                    if not chunk.exists:
+                        # Listed but gone: only TTL deleting a long-idle profile's chunk should
+                        # do this; anything else is data loss to hear about.
+                        log.error(
+                            "history chunk missing", extra={"json_fields": {"chunk": chunk.id}}
                         )
+                        continue
+                    messages.extend(
+                        _message_from(m) for m in (chunk.to_dict() or {}).get("messages", [])
+                    )
         return Profile(
             user_id=user_id,
             created_us=to_micros(doc["createdAt"]),
@@ -233,6 +241,22 @@ class FirestoreStore:
     ) -> int | None:
         ref = self._db.collection(PROFILES).document(user_id)
         fence_ref = self._db.collection(WIPED_USERS).document(user_id)
+        # A whole history can be several MB: more than one commit may carry. The chunks go
+        # first, under ids of their own; the transaction then only swaps the profile's index
+        # over to them. Should it fail, they are unreferenced (a wipe still finds them).
+        layout = _HistoryLayout([], [], 0)
+        layout.merge(messages, cap)
+        expire_at = self._expire_at("profile", at_us)
+        renamed = {
+            old_id: f"r{at_us:017d}-{n:04d}" for n, (old_id, _) in enumerate(layout.new_chunks)
+        }
+        async with self._guard("replace history", deadline=self._timeout * 3):
+            for old_id, chunk_messages in layout.new_chunks:
+                chunk_ref = ref.collection(HISTORY).document(renamed[old_id])
+                await chunk_ref.set(_chunk_doc(chunk_messages, expire_at))
+        for chunk in layout.chunks:
+            chunk["id"], chunk["expireAt"] = renamed[chunk["id"]], expire_at
+        layout.new_chunks = []
 
         async def body(tx: AsyncTransaction) -> int | None:
             snap, fence = await self._get_all(tx, ref, fence_ref)
@@ -240,9 +264,8 @@ class FirestoreStore:
                 return None
             doc = snap or {}
             old = _HistoryLayout.load(doc)
-            layout = _HistoryLayout([], [], old.next_chunk)
+            layout.next_chunk = old.next_chunk
             layout.dropped_chunks = [c["id"] for c in old.chunks]
-            layout.merge(messages, cap)
             stamps = [m.at_us for m in messages] or [at_us]
             created = min([*stamps, to_micros(doc["createdAt"])] if snap else stamps)
             version = int(doc.get("version", 0)) + 1
@@ -658,6 +681,20 @@ def _message_from(doc: dict[str, Any]) -> Message:
     return Message(
         id=doc["id"], role=doc["role"], content=doc["content"], at_us=to_micros(doc["timestamp"])
     )
+
+
+def _classify_transaction_error(what: str, exc: ValueError) -> Exception:
+    """The library reports a transaction's end as a ValueError: "failed to commit in N
+    attempts" (contention), or, when the rollback after a failed call finds no transaction to
+    roll back, one that hides that failure in its context. Find out which it was."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, gexc.Aborted):
+            return StoreContention(f"firestore {what}: contention")
+        if isinstance(cause, _RETRYABLE):
+            return StoreUnavailable(f"firestore {what}: {type(cause).__name__}")
+        cause = cause.__cause__ or cause.__context__
+    return StoreError(f"firestore {what}: {exc}")
 
 
 def _pack(messages: Sequence[Message]) -> list[list[Message]]:

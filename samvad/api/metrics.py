@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -40,6 +41,7 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str, int], Any] = {}
         self.flush_seconds = Histogram(
             "samvad_flush_duration_seconds",
             "Time one write-behind flush took (one coalesced document write), by outcome.",
@@ -50,8 +52,12 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         method = method if method in _METHODS else "OTHER"
-        status_class = f"{status // 100}xx"
-        self.request_seconds.labels(route, method, status_class).observe(seconds)
+        key = (route, method, status // 100)
+        child = self._request_children.get(key)
+        if child is None:  # labels() locks and hashes on each call: look it up once per key
+            child = self.request_seconds.labels(route, method, f"{status // 100}xx")
+            self._request_children[key] = child
+        child.observe(seconds)
 
     def observe_flush(self, kind: str, seconds: float, landed: bool) -> None:
         self.flush_seconds.labels(kind, "ok" if landed else "failed").observe(seconds)

@@ -9,7 +9,6 @@ growing memory. Interruption frames are handled without awaiting anything.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,7 +18,8 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ValidationError
 
-from samvad.api.routes import MAX_JSON_DEPTH, SESSION_ID, read_object, render, service
+from samvad.api import jsonio
+from samvad.api.routes import SESSION_ID, read_object, render, service
 from samvad.api.security import take_rate
 from samvad.clock import from_micros, iso, monotonic
 from samvad.config import Settings
@@ -101,28 +101,6 @@ def interruption_fields(data: dict[str, Any], nbytes: int, limit: int) -> dict[s
     if "timestamp" in data:
         raise InvalidInput("timestamp is set by the server")
     return data
-
-
-def _too_deep(text: str, value: Any, limit: int) -> bool:
-    # Counting brackets is C-fast; the walk only runs for the rare frame that could be deep.
-    if text.count("{") + text.count("[") <= limit:
-        return False
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # stateless: one for all frames
 
 
 def _echo_id(value: Any) -> str | int | None:
@@ -462,8 +440,8 @@ class Connection:
             self.error(None, f"frame is over {limit} bytes")
             return
         try:
-            data = _DECODER.decode(text)
-        except (ValueError, RecursionError):
+            data = jsonio.loads(text)
+        except ValueError:
             self.error(None, "frame is not valid JSON")
             return
         if not isinstance(data, dict):
@@ -475,8 +453,8 @@ class Connection:
         if entry is None:
             self.error(frame_id, f"type must be one of: {', '.join(_FRAMES)}")
             return
-        if _too_deep(text, data, MAX_JSON_DEPTH):
-            self.error(frame_id, f"frame is nested deeper than {MAX_JSON_DEPTH} levels")
+        if jsonio.too_deep(text, data):
+            self.error(frame_id, f"frame is nested deeper than {jsonio.MAX_JSON_DEPTH} levels")
             return
         model, handle = entry
         try:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from samvad.api import jsonio
 from samvad.api.keys import SERVICE
 from samvad.clock import from_micros, iso
 from samvad.errors import InvalidInput
@@ -43,7 +42,6 @@ from samvad.store.base import SessionRecord
 from samvad.writebehind import BacklogStats
 
 M = TypeVar("M", bound=BaseModel)
-MAX_JSON_DEPTH = 32
 PARTIAL_HEADER = "X-Samvad-Partial"
 # A session id is any document id except the words of the API's own paths.
 SESSION_ID = r"{sessionId:(?!(?:" + "|".join(sorted(RESERVED_SESSION_IDS)) + r")(?:/|$))[^/]+}"
@@ -74,38 +72,16 @@ def render(
     )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _too_deep(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
 async def read_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # over client_max_size: 413, rendered by the middleware
     try:
-        data = orjson.loads(raw)  # about 10x the standard parser; refuses NaN and Infinity too
-    except orjson.JSONDecodeError:
-        # orjson also refuses some valid JSON (integers beyond 64 bits, lone surrogate escapes,
-        # UTF-16): the standard parser decides those, so the accepted bodies stay the same.
-        try:
-            data = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            raise InvalidInput("request body is not valid JSON") from None
+        data = jsonio.loads(raw)
+    except ValueError:
+        raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
-    # Nesting needs an opening bracket per level: a body with few cannot be too deep.
-    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _too_deep(data, MAX_JSON_DEPTH):
-        raise InvalidInput(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    if jsonio.too_deep(raw, data):
+        raise InvalidInput(f"request body is nested deeper than {jsonio.MAX_JSON_DEPTH} levels")
     return data
 
 

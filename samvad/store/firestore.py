@@ -72,6 +72,7 @@ PARTS = "parts"
 MAX_SNAPSHOT_LISTING = 100
 TOMBSTONE_RETENTION = timedelta(days=30)
 CHUNK_TTL_SLACK = timedelta(days=7)
+ACTIVE_USERS_REFRESH = timedelta(hours=1)
 BATCH_LIMIT = 400
 CHANGE_PAGE = 1000
 CHANGE_OVERLAP = timedelta(seconds=1)
@@ -810,7 +811,12 @@ def _track_active(
     if previous is not None:
         sessions.pop(previous.session_id, None)
     if session is not None and session.is_active:
-        sessions[session.session_id] = from_micros(session.last_activity_us)
+        stored = before.get(session.session_id)
+        active_at = from_micros(session.last_activity_us)
+        # Counted against a 24 h abandonment cut-off: an hour's lag is no error worth a write
+        # on every session update.
+        fresh_enough = stored is not None and active_at - stored < ACTIVE_USERS_REFRESH
+        sessions[session.session_id] = stored if fresh_enough else active_at
     if sessions == before:
         return
     if not sessions:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import logging
 import signal
@@ -22,34 +21,17 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from google.cloud.firestore_v1.types import BatchGetDocumentsResponse, RunQueryResponse
+
+from tools.firestore_proxy import FirestoreProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 _SERVICE = "/google.firestore.v1.Firestore/"
 BATCH_GET = _SERVICE + "BatchGetDocuments"
 RUN_QUERY = _SERVICE + "RunQuery"
 RUN_AGGREGATION = _SERVICE + "RunAggregationQuery"
-
-
-def load_tools_proxy() -> ModuleType:
-    """tools/firestore_proxy.py (tools/ is not a package)."""
-    existing = sys.modules.get("firestore_proxy")
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location(
-        "firestore_proxy", ROOT / "tools" / "firestore_proxy.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["firestore_proxy"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_tools = load_tools_proxy()
 
 
 @dataclass
@@ -73,7 +55,7 @@ class ReadCounts:
         )
 
 
-class ReadCountingProxy(_tools.FirestoreProxy):  # type: ignore[misc,name-defined]
+class ReadCountingProxy(FirestoreProxy):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.reads = ReadCounts()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -16,21 +14,6 @@ import aiohttp
 from samvad.emulator import find_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_proxy() -> ModuleType:
-    """tools/firestore_proxy.py (tools/ is not a package)."""
-    existing = sys.modules.get("firestore_proxy")
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location(
-        "firestore_proxy", ROOT / "tools" / "firestore_proxy.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["firestore_proxy"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class ServerProcess:

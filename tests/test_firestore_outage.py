@@ -10,14 +10,14 @@ import pytest
 from samvad.errors import StoreUnavailable
 from samvad.store.base import Message, UserState
 from samvad.store.firestore import FirestoreStore
-from tests.support import load_proxy
+from tools.firestore_proxy import FirestoreProxy
 
 
 @pytest.fixture
 async def proxied_store(
     emulator_host: str, project_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[FirestoreStore, Any]]:
-    proxy = load_proxy().FirestoreProxy(emulator_host)
+    proxy = FirestoreProxy(emulator_host)
     await proxy.start()
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", proxy.grpc_host)
     store = FirestoreStore.connect(project_id, timeout=2.0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +21,6 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -51,20 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROXY_PATH = ROOT / "tools" / "firestore_proxy.py"
 
 
-def _load_proxy_module() -> ModuleType:
-    """Import tools/firestore_proxy.py (tools/ is not a package)."""
-    existing = sys.modules.get("firestore_proxy")
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location("firestore_proxy", PROXY_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["firestore_proxy"] = module
-    spec.loader.exec_module(module)
-    return module
+import tools.firestore_proxy as fp  # noqa: E402
 
-
-fp = _load_proxy_module()
 FirestoreProxy = fp.FirestoreProxy
 
 pytestmark = [

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from samvad.app import create_app
 from samvad.config import Settings
-from tests.support import load_proxy, wait_for
+from tests.support import wait_for
+from tools.firestore_proxy import FirestoreProxy
 
 Client = TestClient[web.Request, web.Application]
 HISTORY = "/api/session/{userId}/history"
@@ -130,7 +131,7 @@ async def proxied_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[Client, Any]]:
     settings = make_settings(sync_interval=0, store_timeout=1.0)
-    proxy = load_proxy().FirestoreProxy(emulator_host)
+    proxy = FirestoreProxy(emulator_host)
     await proxy.start()
     # the Firestore client finds its emulator through the environment when the app starts
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", proxy.grpc_host)

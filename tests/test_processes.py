@@ -10,7 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import ServerProcess, load_proxy, request, wait_for
+from tests.support import ServerProcess, request, wait_for
+from tools.firestore_proxy import FirestoreProxy
 
 API = "/api/session"
 StartServer = Callable[..., Awaitable[ServerProcess]]
@@ -44,7 +45,7 @@ async def start_server(
 @pytest.fixture
 async def proxy(emulator_host: str) -> AsyncIterator[Any]:
     """A gRPC pass-through in front of the emulator that can play an outage."""
-    proxy = load_proxy().FirestoreProxy(emulator_host)
+    proxy = FirestoreProxy(emulator_host)
     await proxy.start()
     yield proxy
     await proxy.stop()

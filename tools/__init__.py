@@ -1,0 +1,1 @@
+"""Developer tools that run beside samvad: not part of the package."""

@@ -58,6 +58,7 @@ ROLES = frozenset({"user", "assistant", "system"})
 # the 4 MiB a gRPC message may carry by default (the emulator refuses more; Firestore 10 MiB).
 FLUSH_SLICE_BYTES = 2 * 1024 * 1024
 SESSION_PEEK = 0.25
+WIPED = 2**62  # no version read before a wipe is new enough to keep
 MAX_PARTICIPANTS = 20
 # Listing by status filters pages on read: bound the documents one request may scan.
 MAX_LISTING_SCAN = 1000
@@ -179,6 +180,8 @@ class SessionPersistenceService:
         self._profiles: TTLCache[str, Profile | None] = TTLCache(size, ttl)
         self._sessions: TTLCache[str, SessionRecord | None] = TTLCache(size, ttl)
         self._loads: dict[Hashable, asyncio.Task[Any]] = {}
+        # in-flight loads that a change overtook: the version their result must reach to be kept
+        self._outdated_loads: dict[tuple[int, str], int] = {}
         self._counts: StoreCounts | None = None
         self._counts_at = 0.0
         self._counts_task: asyncio.Task[StoreCounts] | None = None
@@ -746,15 +749,26 @@ class SessionPersistenceService:
         load_key = (id(cache), key)
         task = self._loads.get(load_key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(cache, key, fetch))
+            task = asyncio.get_running_loop().create_task(self._load(cache, key, load_key, fetch))
             self._loads[load_key] = task
             task.add_done_callback(lambda _: self._loads.pop(load_key, None))
         return await asyncio.shield(task)
 
     async def _load(
-        self, cache: TTLCache[str, Any], key: str, fetch: Callable[[], Awaitable[Any]]
+        self,
+        cache: TTLCache[str, Any],
+        key: str,
+        load_key: tuple[int, str],
+        fetch: Callable[[], Awaitable[Any]],
     ) -> Any:
-        value = await self._store_call(fetch)
+        try:
+            value = await self._store_call(fetch)
+        finally:
+            newer = self._outdated_loads.pop(load_key, None)
+        if newer is not None and (value is None or value.version < newer):
+            # Another writer's change arrived while we read: what we read may predate it, and
+            # the feed will not report it again. Answer with it, but do not keep it.
+            return value
         current = cache.get(key, _MISS)
         if (
             current is not _MISS
@@ -841,6 +855,11 @@ class SessionPersistenceService:
             for change in batch.changes:
                 self.apply_change(change)
 
+    def _outdate_load(self, cache: TTLCache[str, Any], key: str, version: int) -> None:
+        load_key = (id(cache), key)
+        if load_key in self._loads:
+            self._outdated_loads[load_key] = max(version, self._outdated_loads.get(load_key, 0))
+
     def apply_change(self, change: Change) -> None:
         """Forget what another writer made stale. Our own writes carry versions we hold."""
         caches: dict[str, TTLCache[str, Any]] = {
@@ -853,15 +872,18 @@ class SessionPersistenceService:
             cached = cache.get(change.key, _MISS)
             if cached is not _MISS and (cached is None or cached.version < change.version):
                 del cache[change.key]
+            self._outdate_load(cache, change.key, change.version)
         elif change.kind == "user_wiped":
-            self._states.pop(change.key, None)
-            self._profiles.pop(change.key, None)
+            for cache in (self._states, self._profiles):
+                cache.pop(change.key, None)
+                self._outdate_load(cache, change.key, WIPED)
             for sid, rec in list(self._sessions.items()):
                 if rec is not None and rec.user_id == change.key:
                     self._sessions.pop(sid, None)
             self.interruptions.clear_user(change.key, before_us=change.version)
         elif change.kind == "session_deleted":
             self._sessions.pop(change.key, None)
+            self._outdate_load(self._sessions, change.key, WIPED)
             self.interruptions.clear_session(change.key, before_us=change.version)
 
 

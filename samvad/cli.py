@@ -128,24 +128,8 @@ def cmd_stats(args: argparse.Namespace, api: Api) -> int:
 
 
 def cmd_export(args: argparse.Namespace, api: Api) -> int:
-    user = args.user
-    progress(f"exporting user {user!r} from {api.url}")
-    try:
-        _emit(api.call("GET", _user_path(user) + "/export"))
-        return 0
-    except NotFound as exc:
-        if "HTTP 404: not found" not in exc.message:  # the route exists: the user does not
-            raise
-    progress("this server has no export endpoint: composing state, profile and active sessions")
-    exported: dict[str, Any] = {"userId": user, "composed": True}
-    for name, path in (("state", "/state"), ("profile", "/profile")):
-        try:
-            exported[name] = api.call("GET", _user_path(user) + path).get(name)
-        except NotFound:
-            exported[name] = None
-    sessions = api.call("GET", "/api/session/user/" + quote(user, safe="") + "/active")
-    exported["activeSessions"] = sessions.get("sessions", [])
-    _emit(exported)
+    progress(f"exporting user {args.user!r} from {api.url}")
+    _emit(api.call("GET", _user_path(args.user) + "/export"))
     return 0
 
 
@@ -234,10 +218,8 @@ def _parser() -> argparse.ArgumentParser:
         "export",
         parents=[admin],
         help="print everything stored about a user",
-        description="GET /api/session/{USER}/export. On a server without that endpoint, the "
-        "export is composed from GET .../state, .../profile and .../user/{USER}/active "
-        '(marked "composed": true): state, history and active sessions, but not ended '
-        "sessions.",
+        description="GET /api/session/{USER}/export: state, history, every session, snapshots "
+        "and the interruptions the server holds, as one JSON document.",
     )
     export.add_argument("user", metavar="USER", help="the user id")
     export.set_defaults(func=cmd_export, admin=True)

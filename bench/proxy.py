@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -25,7 +23,7 @@ from typing import Any
 
 from google.cloud.firestore_v1.types import BatchGetDocumentsResponse, RunQueryResponse
 
-from tools.firestore_proxy import FirestoreProxy
+from tools.firestore_proxy import FirestoreProxy, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 _SERVICE = "/google.firestore.v1.Firestore/"
@@ -110,29 +108,13 @@ class ReadCountingProxy(FirestoreProxy):  # type: ignore[misc]
         return 0
 
 
-async def _serve(upstream: str) -> None:
-    proxy = ReadCountingProxy(upstream)
-    await proxy.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write(json.dumps({"grpcHost": proxy.grpc_host, "controlUrl": proxy.control_url}))
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    try:
-        await stop.wait()
-    finally:
-        await proxy.stop()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="counting Firestore proxy (reads and writes)")
     parser.add_argument("--upstream", required=True, help="emulator host:port")
     args = parser.parse_args()
     logging.basicConfig(level="WARNING", stream=sys.stderr)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.upstream))
+        asyncio.run(serve(ReadCountingProxy(args.upstream)))
     return 0
 
 

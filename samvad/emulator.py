@@ -516,14 +516,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_exit)
 
-    emulator = FirestoreEmulator(args.port, log_path=args.log_file)
-    try:
-        emulator.start(timeout=args.timeout)
-    except EmulatorError as exc:
-        print(f"samvad.emulator: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    emulator = _started(args)
+    if isinstance(emulator, int):
+        return emulator
 
     try:
         env[EMULATOR_HOST_ENV] = emulator.host
@@ -562,9 +557,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         emulator.stop()
 
 
-def _cmd_start(args: argparse.Namespace) -> int:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
+def _started(args: argparse.Namespace) -> FirestoreEmulator | int:
+    """A running emulator, or the exit code that says why there is none."""
     emulator = FirestoreEmulator(args.port, log_path=args.log_file)
     try:
         emulator.start(timeout=args.timeout)
@@ -573,6 +567,15 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    return emulator
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
+    emulator = _started(args)
+    if isinstance(emulator, int):
+        return emulator
     try:
         print(f"export {EMULATOR_HOST_ENV}={emulator.host}", flush=True)
         print("Firestore emulator running; press Ctrl-C to stop.", file=sys.stderr, flush=True)

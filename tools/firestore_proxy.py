@@ -486,10 +486,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    proxy = FirestoreProxy(
-        args.upstream, listen_port=args.listen_port, control_port=args.control_port, host=args.host
-    )
+async def serve(proxy: FirestoreProxy) -> None:
+    """Run `proxy` as a process: one JSON line with its addresses, then until SIGTERM/SIGINT."""
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -512,7 +510,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args))
+        asyncio.run(
+            serve(
+                FirestoreProxy(
+                    args.upstream,
+                    listen_port=args.listen_port,
+                    control_port=args.control_port,
+                    host=args.host,
+                )
+            )
+        )
     return 0
 
 

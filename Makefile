@@ -70,7 +70,7 @@ check-emulator:
 	"$$py" -P samvad/emulator.py check
 
 run: venv check-emulator
-	HOST=$(HOST) PORT=$(PORT) SAMVAD_AUTH=none \
+	HOST=$(HOST) PORT=$(PORT) SAMVAD_AUTH=none SAMVAD_ACCESS_LOG=$${SAMVAD_ACCESS_LOG:-all} \
 	  $(VENV_PY) -m samvad.emulator run -- $(VENV_PY) -m samvad
 
 # The test suite starts (or reuses, via FIRESTORE_EMULATOR_HOST) an emulator itself.

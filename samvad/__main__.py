@@ -10,7 +10,7 @@ from aiohttp import web
 from samvad.app import create_app
 from samvad.auth import AuthConfigError
 from samvad.config import Settings
-from samvad.logs import AccessLogger, configure
+from samvad.logs import AccessLogger, access_logger_class, configure
 
 log = logging.getLogger("samvad")
 
@@ -39,6 +39,7 @@ def main() -> None:
     except AuthConfigError as exc:  # e.g. authentication required and no credentials set
         log.critical(str(exc))
         sys.exit(2)
+    access_logger = access_logger_class(settings.access_log, settings.slow_request)
     # In-flight requests get 1 s on SIGTERM; the write-behind flush then has its own budget,
     # both inside Cloud Run's 10 s grace period.
     web.run_app(
@@ -46,7 +47,8 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         shutdown_timeout=1.0,
-        access_log_class=AccessLogger,
+        access_log=logging.getLogger("aiohttp.access") if access_logger else None,
+        access_log_class=access_logger or AccessLogger,
         print=None,
     )
 

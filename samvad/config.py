@@ -30,6 +30,13 @@ class Settings(BaseModel):
     project: str = "samvad-local"
     emulator_host: str | None = None
     log_level: str = "INFO"
+    # Cloud Run's request log already has a line per request (status, latency, trace): one of
+    # our own for every answered request would double the logging bill and cost each request
+    # more CPU than its handler. `errors` writes the lines worth reading.
+    access_log: Literal["all", "errors", "off"] = Field(
+        default="errors", description="all | errors (4xx, 5xx and slow requests) | off"
+    )
+    slow_request: float = Field(default=1.0, gt=0, description="seconds: logged as slow")
 
     cache_ttl: float = Field(default=1800.0, gt=0, description="seconds an entry stays cached")
     cache_size: int = Field(default=50_000, ge=1, description="entries per cache")

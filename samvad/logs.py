@@ -99,7 +99,8 @@ def configure(level: str = "INFO") -> None:
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: route template, never the raw path (ids are personal data), no
-    query string, no body; the request's trace and id so it groups with its other lines."""
+    query string, no body; the request's trace and id so it groups with its other lines.
+    Severity follows the status, as in Cloud Run's own request log: 5xx ERROR, 4xx WARNING."""
 
     @property
     def enabled(self) -> bool:
@@ -128,7 +129,11 @@ class AccessLogger(AbstractAccessLogger):
         # find its caller: a cost on every request for a line that names no caller.
         record = self.logger.makeRecord(
             self.logger.name,
-            logging.INFO,
+            logging.ERROR
+            if response.status >= 500
+            else logging.WARNING
+            if response.status >= 400
+            else logging.INFO,
             __name__,
             0,
             f"{request.method} {route} {response.status}",
@@ -137,3 +142,22 @@ class AccessLogger(AbstractAccessLogger):
             extra={"json_fields": fields},
         )
         self.logger.handle(record)
+
+
+class ErrorAccessLogger(AccessLogger):
+    """Lines only for answers worth a look: 4xx, 5xx, and requests slower than `slow_after`."""
+
+    slow_after = 1.0
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if response.status >= 400 or time >= self.slow_after:
+            super().log(request, response, time)
+
+
+def access_logger_class(mode: str, slow_after: float) -> type[AccessLogger] | None:
+    """The access logger for SAMVAD_ACCESS_LOG (`all`, `errors`, `off`: None)."""
+    if mode == "off":
+        return None
+    if mode == "all":
+        return AccessLogger
+    return type("ErrorAccessLogger", (ErrorAccessLogger,), {"slow_after": slow_after})

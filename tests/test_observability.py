@@ -9,6 +9,8 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import asyncio
+
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -16,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from samvad.api.observability import parse_cloud_trace, parse_traceparent
 from samvad.app import create_app
 from samvad.config import Settings
-from samvad.logs import AccessLogger, JsonFormatter
+from samvad.logs import AccessLogger, JsonFormatter, access_logger_class
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 W3C_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -54,10 +56,9 @@ def logs() -> Iterator[LogCapture]:
         root.setLevel(old_level)
 
 
-@pytest.fixture
-async def server(
-    aiohttp_client: Callable[..., Any], settings: Settings, logs: LogCapture
-) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+async def serve(
+    aiohttp_client: Callable[..., Any], settings: Settings, access_log_class: type[AccessLogger]
+) -> TestClient[web.Request, web.Application]:
     app = create_app(settings)
 
     async def logs_inside(request: web.Request) -> web.Response:
@@ -65,11 +66,25 @@ async def server(
         logging.getLogger("samvad.service").warning("something worth a look")
         return web.json_response({"ok": True})
 
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.json_response({"ok": True})
+
     app.router.add_get("/test/log-inside", logs_inside)
+    app.router.add_get("/test/slow", slow)
     test_server = TestServer(app)
     # the access logger `python -m samvad` runs with (aiohttp's own is the test default)
-    await test_server.start_server(access_log_class=AccessLogger)
-    yield await aiohttp_client(test_server)
+    await test_server.start_server(access_log_class=access_log_class)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(test_server)
+    return client
+
+
+@pytest.fixture
+async def server(
+    aiohttp_client: Callable[..., Any], settings: Settings, logs: LogCapture
+) -> TestClient[web.Request, web.Application]:
+    """SAMVAD_ACCESS_LOG=all: a line for every request."""
+    return await serve(aiohttp_client, settings, AccessLogger)
 
 
 def only(lines: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
@@ -185,6 +200,41 @@ async def test_unusable_ids_and_trace_headers_are_replaced_or_ignored(
     long_id = "a" * 200
     response = await server.get("/healthz", headers={"X-Request-Id": long_id})
     assert response.headers["X-Request-Id"] != long_id
+
+
+async def test_by_default_only_errors_and_slow_requests_get_an_access_line(
+    aiohttp_client: Callable[..., Any], settings: Settings, logs: LogCapture
+) -> None:
+    assert settings.access_log == "errors"
+    access_log_class = access_logger_class(settings.access_log, slow_after=0.2)
+    assert access_log_class is not None
+    server = await serve(aiohttp_client, settings, access_log_class)
+
+    saved = await server.post("/api/session/u1/state", json={"language": "en"})
+    read = await server.get("/api/session/u1/state")
+    missing = await server.get("/api/session/nobody/state")
+    bad = await server.post("/api/session/u1/history", data=b"{not json")
+    slow = await server.get("/test/slow")
+    assert [r.status for r in (saved, read, missing, bad, slow)] == [200, 200, 404, 400, 200]
+
+    def ids(response: Any) -> str:
+        return str(response.headers["X-Request-Id"])
+
+    logged = {line["requestId"]: line for line in logs.access()}
+    assert ids(saved) not in logged and ids(read) not in logged
+    assert logged[ids(missing)]["severity"] == "WARNING"
+    assert logged[ids(missing)]["httpRequest"]["status"] == 404
+    assert logged[ids(bad)]["severity"] == "WARNING"
+    assert float(logged[ids(slow)]["httpRequest"]["latency"][:-1]) >= 0.2
+    assert len(logged) == 3
+
+
+def test_access_log_modes() -> None:
+    assert access_logger_class("off", 1.0) is None
+    assert access_logger_class("all", 1.0) is AccessLogger
+    assert Settings.from_env({"SAMVAD_ACCESS_LOG": "all"}).access_log == "all"
+    with pytest.raises(ValueError, match="SAMVAD_ACCESS_LOG"):
+        Settings.from_env({"SAMVAD_ACCESS_LOG": "loud"})
 
 
 def test_trace_header_parsing() -> None:

@@ -9,9 +9,9 @@ from aiohttp import web
 from samvad.api.dashboard import setup_dashboard
 from samvad.api.keys import SERVICE, SETTINGS
 from samvad.api.lifecycle import lifecycle_routes
-from samvad.api.metrics import request_metrics, setup_metrics
-from samvad.api.middlewares import errors
-from samvad.api.observability import request_context, setup_observability
+from samvad.api.metrics import Metrics, setup_metrics
+from samvad.api.middlewares import edge
+from samvad.api.observability import setup_observability
 from samvad.api.openapi import setup_openapi
 from samvad.api.realtime import CLOSE_GOING_AWAY, CONNECTIONS, Connections, realtime_routes
 from samvad.api.routes import routes
@@ -37,14 +37,12 @@ def create_app(
     store_factory: StoreFactory = firestore_store,
     clock: Clock | None = None,
 ) -> web.Application:
-    # Request context outermost: every line logged while handling a request, errors included,
-    # carries its trace; metrics next, so they see the status the error middleware answered.
+    metrics = Metrics()
     app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[request_context(settings.project), request_metrics, errors],
+        client_max_size=settings.max_body_bytes, middlewares=[edge(settings.project, metrics)]
     )
     app[SETTINGS] = settings
-    # Inside the error middleware; refuses (AuthConfigError) when auth cannot work.
+    # Inside the edge middleware; refuses (AuthConfigError) when auth cannot work.
     install_security(app, settings)
 
     async def service_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -69,7 +67,7 @@ def create_app(
     app.cleanup_ctx.append(connections_ctx)
     app.on_shutdown.append(close_sockets)
     setup_observability(app)
-    setup_metrics(app)
+    setup_metrics(app, metrics)
     setup_dashboard(app)
     setup_openapi(app)
     app.add_routes(routes)

@@ -275,6 +275,7 @@ async def test_logs_hold_no_token_no_message_and_no_query(
         api_keys=f"admin:{ADMIN_KEY}",
         jwt_secret=SECRET,
         log_level="DEBUG",
+        access_log="all",
     )
     await server.start()
     try:

@@ -8,13 +8,11 @@ read at scrape time by a collector, so no hot path pays for metrics it does not 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -155,39 +153,7 @@ class ServiceCollector(Collector):
             )
 
 
-# ---- the middleware and the routes ---------------------------------------------------------------
-
-
-def route_template(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def request_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Latency per route template; outside the error middleware, so errors count as answered."""
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        _observe(request, exc.status, started)
-        raise
-    except asyncio.CancelledError:
-        _observe(request, 499, started)  # the client went away first (nginx's convention)
-        raise
-    except Exception:
-        _observe(request, 500, started)
-        raise
-    # A websocket's "latency" is its connection's life: samvad_websockets_open tells of those.
-    if not isinstance(response, web.WebSocketResponse):
-        _observe(request, response.status, started)
-    return response
-
-
-def _observe(request: web.Request, status: int, started: float) -> None:
-    request.app[METRICS].observe_request(
-        route_template(request), request.method, status, time.perf_counter() - started
-    )
+# ---- the routes ---------------------------------------------------------------------------------
 
 
 class RouteTotals(WireModel):
@@ -243,9 +209,9 @@ async def metrics_summary(request: web.Request) -> web.Response:
     return render(MetricsSummaryResponse(summary=summary))
 
 
-def setup_metrics(app: web.Application) -> None:
-    """Call after the service's cleanup context is registered: the flush hook needs it."""
-    metrics = Metrics()
+def setup_metrics(app: web.Application, metrics: Metrics) -> None:
+    """Call after the service's cleanup context is registered: the flush hook needs it.
+    Requests are observed by the edge middleware (samvad/api/middlewares.py)."""
     app[METRICS] = metrics
     metrics.registry.register(ServiceCollector(app))
 

@@ -1,17 +1,30 @@
-"""The one place where errors become HTTP answers: JSON bodies, never a traceback."""
+"""The request edge: the one place where a request gets its log context, is timed for metrics,
+and where errors become HTTP answers (JSON bodies, never a traceback)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from samvad.api.observability import request_ids, request_log_context
 from samvad.errors import BacklogFull, SamvadError, ShuttingDown, StoreUnavailable
+from samvad.logs import CURRENT_REQUEST, REQUEST_LOG_CONTEXT
 from samvad.models import ErrorResponse
 
+if TYPE_CHECKING:
+    from samvad.api.metrics import Metrics
+
 log = logging.getLogger(__name__)
+
+_HTTP_ERROR_MESSAGES = {404: "not found", 405: "method not allowed", 413: "request body too large"}
+# Status of a request whose client went away before it was answered (nginx's convention).
+CLIENT_CLOSED = 499
 
 
 def error_response(
@@ -19,34 +32,69 @@ def error_response(
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=ErrorResponse(error=message).model_dump_json(by_alias=True),
+        body=ErrorResponse(error=message).model_dump_json(by_alias=True).encode(),
         content_type="application/json",
         headers=headers,
     )
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except SamvadError as exc:
-        headers = {}
-        if isinstance(exc, BacklogFull | StoreUnavailable | ShuttingDown):
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return error_response(exc.status, exc.message, headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+def edge(project: str, metrics: Metrics) -> Middleware:
+    """The outermost middleware. One instead of three (context, metrics, errors): every
+    middleware is a frame and a partial on every request.
+
+    - every log line of the request, errors included, carries its trace and request id;
+    - metrics see the status the client got, errors included (a websocket's "latency" is its
+      connection's life: samvad_websockets_open tells of those);
+    - SamvadErrors, aiohttp's HTTP errors and anything unexpected become JSON answers.
+    """
+    ids = request_ids()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        context = request_log_context(request.headers, project, ids)
+        request[REQUEST_LOG_CONTEXT] = context
+        token = CURRENT_REQUEST.set(context)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+        except SamvadError as exc:
+            response = _domain_error(exc)
+            status = response.status
+        except web.HTTPException as exc:
+            status = exc.status
+            if status < 400:
+                raise
+            response = _http_error(exc)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
             raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        message = {
-            404: "not found",
-            405: "method not allowed",
-            413: "request body too large",
-        }.get(exc.status, exc.reason.lower())
-        return error_response(exc.status, message, headers)
-    except Exception:
-        log.exception("unhandled error", extra={"json_fields": {"route": _route(request)}})
-        return error_response(500, "internal error")
+        except Exception:
+            log.exception("unhandled error", extra={"json_fields": {"route": _route(request)}})
+            response = error_response(500, "internal error")
+        finally:
+            CURRENT_REQUEST.reset(token)
+            if status != 101:
+                metrics.observe_request(
+                    _route(request), request.method, status, time.perf_counter() - started
+                )
+        return response
+
+    return middleware
+
+
+def _domain_error(exc: SamvadError) -> web.Response:
+    headers = {}
+    if isinstance(exc, BacklogFull | StoreUnavailable | ShuttingDown):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return error_response(exc.status, exc.message, headers)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    message = _HTTP_ERROR_MESSAGES.get(exc.status, exc.reason.lower())
+    return error_response(exc.status, message, headers)
 
 
 def _route(request: web.Request) -> str:

@@ -14,10 +14,9 @@ import uuid
 from collections.abc import Iterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDictProxy
 
-from samvad.logs import CURRENT_REQUEST, REQUEST_LOG_CONTEXT, RequestLogContext
+from samvad.logs import REQUEST_LOG_CONTEXT, RequestLogContext
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # What a request id from a client or a proxy may look like to be taken as is: short, and nothing
@@ -84,24 +83,6 @@ def request_log_context(
         span_id=span_id,
         sampled=sampled,
     )
-
-
-def request_context(project: str) -> Middleware:
-    """The outermost middleware: every later log line of the request carries its context."""
-
-    ids = request_ids()
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        context = request_log_context(request.headers, project, ids)
-        request[REQUEST_LOG_CONTEXT] = context
-        token = CURRENT_REQUEST.set(context)
-        try:
-            return await handler(request)
-        finally:
-            CURRENT_REQUEST.reset(token)
-
-    return middleware
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

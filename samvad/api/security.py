@@ -1,6 +1,6 @@
 """Who may call what: authentication, per-user scoping, rate limits, CORS and security headers.
 
-`install_security(app, settings)` adds, inside the error middleware, a CORS preflight middleware
+`install_security(app, settings)` adds, inside the edge middleware, a CORS preflight middleware
 and the authentication middleware, and a response hook that sets the security headers (and the
 CORS headers) on every response, websocket upgrades and error answers included.
 """
@@ -376,7 +376,7 @@ def parse_origins(value: str | None) -> frozenset[str]:
 
 
 def install_security(app: web.Application, settings: Settings) -> None:
-    """Call in the app factory after the error middleware is in place; raises AuthConfigError
+    """Call in the app factory after the edge middleware is in place; raises AuthConfigError
     when authentication is required and cannot work (the server must then not start)."""
     guard = Guard(
         build_authenticator(settings), rate_limits(settings), parse_origins(settings.cors_origins)

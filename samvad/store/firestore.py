@@ -3,9 +3,9 @@
 Layout (collections as in the design note, plus two for correctness):
 - user_states/{userId}         {userId, stateJson, updatedAt, isActive, version, committedAt}
 - user_profiles/{userId}       {userId, createdAt, lastUpdated, version, committedAt,
-                                tail: [message], chunks: [{id, count, minId, maxId, bytes}],
+                                tailJson, chunks: [{id, count, minId, maxId, bytes}],
                                 nextChunk}
-- user_profiles/{userId}/history/{chunkId}   {messages: [message], count, minId, maxId}
+- user_profiles/{userId}/history/{chunkId}   {messagesJson, count, minId, maxId}
 - sessions/{sessionId}         {sessionId, userId, language, metadataJson, isActive, createdAt,
                                 lastActivity, endedAt, updatedAt, version, committedAt}
 - active_users/{userId}        {userId, sessionIds}: one document per user with an active
@@ -17,6 +17,11 @@ State and metadata are stored as JSON text: arbitrary client JSON (nested arrays
 huge integers) is not always a valid Firestore value, and it is opaque to queries anyway.
 The newest messages live inline in the profile document, so a coalesced flush is one document
 write; when the tail outgrows TAIL_BUDGET its oldest messages spill into a chunk document.
+Messages are stored as JSON text too (tailJson, messagesJson: [{id, role, content, atUs}]):
+the client library encodes and decodes an array of maps field by field, on the event loop,
+at about 50 us a message. Documents written before that hold arrays of maps (tail, messages)
+and are read as they are; the next write of a profile replaces its tail. A chunk whose text
+is dense with characters JSON escapes is still written as maps (see _chunk_doc).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import orjson
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry, if_exception_type
 from google.cloud.firestore_v1 import SERVER_TIMESTAMP, AsyncClient
@@ -69,6 +75,11 @@ WIPED_USERS = "wiped_users"
 DELETED_SESSIONS = "deleted_sessions"
 SNAPSHOTS = "snapshots"
 PARTS = "parts"
+TAIL_JSON = "tailJson"
+MESSAGES_JSON = "messagesJson"
+# The layout before messages became JSON text: arrays of maps, still read.
+LEGACY_TAIL = "tail"
+LEGACY_MESSAGES = "messages"
 MAX_SNAPSHOT_LISTING = 100
 TOMBSTONE_RETENTION = timedelta(days=30)
 CHUNK_TTL_SLACK = timedelta(days=7)
@@ -185,7 +196,7 @@ class FirestoreStore:
                 return None
             doc = snap.to_dict() or {}
             chunk_refs = [ref.collection(HISTORY).document(c["id"]) for c in doc.get("chunks", [])]
-            messages = [_message_from(m) for m in doc.get("tail", [])]
+            messages = _stored_messages(doc, TAIL_JSON, LEGACY_TAIL)
             if chunk_refs:
                 async for chunk in self._db.get_all(chunk_refs, retry=READ_RETRY):
                     if not chunk.exists:
@@ -195,9 +206,7 @@ class FirestoreStore:
                             "history chunk missing", extra={"json_fields": {"chunk": chunk.id}}
                         )
                         continue
-                    messages.extend(
-                        _message_from(m) for m in (chunk.to_dict() or {}).get("messages", [])
-                    )
+                    messages.extend(_chunk_messages(chunk.to_dict() or {}))
         return Profile(
             user_id=user_id,
             created_us=to_micros(doc["createdAt"]),
@@ -311,7 +320,7 @@ class FirestoreStore:
                 "resetAt": from_micros(reset_us) if reset_us >= 0 else None,
                 "version": version,
                 "committedAt": SERVER_TIMESTAMP,
-                "tail": [_message_doc(m) for m in layout.tail],
+                TAIL_JSON: _encode_messages(layout.tail).decode(),
                 "chunks": layout.chunks,
                 "nextChunk": layout.next_chunk,
             },
@@ -434,9 +443,7 @@ class FirestoreStore:
                 async for part in self._db.get_all(part_refs, retry=READ_RETRY):
                     if not part.exists:
                         return None  # TTL took part of it: a partial snapshot is no snapshot
-                    messages.extend(
-                        _message_from(m) for m in (part.to_dict() or {}).get("messages", [])
-                    )
+                    messages.extend(_chunk_messages(part.to_dict() or {}))
         state = json.loads(doc["stateJson"]) if doc.get("stateJson") else None
         return Snapshot(_snapshot_info(doc), state, newest(messages, len(messages)))
 
@@ -604,7 +611,7 @@ class _HistoryLayout:
     @classmethod
     def load(cls, doc: dict[str, Any]) -> _HistoryLayout:
         return cls(
-            tail=[_message_from(m) for m in doc.get("tail", [])],
+            tail=_stored_messages(doc, TAIL_JSON, LEGACY_TAIL),
             chunks=list(doc.get("chunks", [])),
             next_chunk=int(doc.get("nextChunk", 0)),
         )
@@ -615,13 +622,19 @@ class _HistoryLayout:
         self._trim(cap)
 
     def _spill(self) -> None:
-        while sum(m.nbytes for m in self.tail) > TAIL_BUDGET:
-            size, cut = 0, 0
-            while cut < len(self.tail) and size + self.tail[cut].nbytes <= CHUNK_BUDGET:
-                size += self.tail[cut].nbytes
+        # The budgets hold the stored JSON text, escapes included. A flush is usually well
+        # within them: one encoding of the whole tail tells, before measuring message by message.
+        if len(_encode_messages(self.tail)) <= TAIL_BUDGET:
+            return
+        sizes = [_json_size(m) for m in self.tail]
+        while 1 + sum(sizes) > TAIL_BUDGET:
+            size, cut = 1, 0  # "[": each message brings its "," or "]"
+            while cut < len(sizes) and size + sizes[cut] <= CHUNK_BUDGET:
+                size += sizes[cut]
                 cut += 1
-            cut = max(cut, 1)
-            spilled, self.tail = self.tail[:cut], self.tail[cut:]
+            if cut == 0:  # one message over the chunk budget: a chunk of its own (_chunk_doc)
+                size, cut = 1 + sizes[0], 1
+            spilled, self.tail, sizes = self.tail[:cut], self.tail[cut:], sizes[cut:]
             chunk_id = f"{self.next_chunk:010d}"
             self.next_chunk += 1
             self.new_chunks.append((chunk_id, spilled))
@@ -635,15 +648,21 @@ class _HistoryLayout:
                 }
             )
 
+    def _newer_in_chunks(self, message_id: str) -> int:
+        return sum(int(c["count"]) for c in self.chunks if c["minId"] > message_id)
+
     def _newer_than(self, message_id: str) -> int:
         """How many stored messages are certainly newer than `message_id`."""
         in_tail = sum(1 for m in self.tail if m.id > message_id)
-        in_chunks = sum(int(c["count"]) for c in self.chunks if c["minId"] > message_id)
-        return in_tail + in_chunks
+        return in_tail + self._newer_in_chunks(message_id)
 
     def _trim(self, cap: int) -> None:
         # Keep everything that might be among the newest `cap`; drop only what provably is not.
-        self.tail = [m for m in self.tail if self._newer_than(m.id) < cap]
+        # The tail is sorted and unique (merge): its i-th message has len - i - 1 newer in it.
+        last = len(self.tail) - 1
+        self.tail = [
+            m for i, m in enumerate(self.tail) if last - i + self._newer_in_chunks(m.id) < cap
+        ]
         kept = []
         for chunk in self.chunks:
             if self._newer_than(chunk["maxId"]) >= cap:
@@ -674,7 +693,42 @@ def _state_from(user_id: str, doc: dict[str, Any] | None) -> UserState:
     )
 
 
+def _message_json(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "role": m.role, "content": m.content, "atUs": m.at_us}
+
+
+def _encode_messages(messages: Sequence[Message]) -> bytes:
+    """The JSON text of a tail or a chunk: what Firestore stores, byte for byte (UTF-8)."""
+    return orjson.dumps([_message_json(m) for m in messages])
+
+
+def _json_size(m: Message) -> int:
+    """Bytes `m` adds to a JSON array of messages: its encoding and one separator."""
+    return len(orjson.dumps(_message_json(m))) + 1
+
+
+def _messages_from_json(text: str) -> list[Message]:
+    return [
+        Message(id=m["id"], role=m["role"], content=m["content"], at_us=m["atUs"])
+        for m in orjson.loads(text)
+    ]
+
+
+def _stored_messages(doc: dict[str, Any], json_field: str, legacy_field: str) -> list[Message]:
+    """The messages of a profile's tail or of a chunk, in either layout."""
+    text = doc.get(json_field)
+    if text is not None:
+        return _messages_from_json(text)
+    return [_message_from(m) for m in doc.get(legacy_field, [])]
+
+
+def _chunk_messages(doc: dict[str, Any]) -> list[Message]:
+    return _stored_messages(doc, MESSAGES_JSON, LEGACY_MESSAGES)
+
+
 def _message_doc(m: Message) -> dict[str, Any]:
+    """A message as a Firestore map: the layout before JSON text, kept for escape-dense
+    chunks (_chunk_doc)."""
     return {"id": m.id, "role": m.role, "content": m.content, "timestamp": from_micros(m.at_us)}
 
 
@@ -699,15 +753,16 @@ def _classify_transaction_error(what: str, exc: ValueError) -> Exception:
 
 
 def _pack(messages: Sequence[Message]) -> list[list[Message]]:
-    """Messages in documents of at most CHUNK_BUDGET bytes each."""
+    """Messages in documents of at most CHUNK_BUDGET bytes of JSON text each."""
     parts: list[list[Message]] = []
     size = CHUNK_BUDGET
     for message in messages:
-        if size + message.nbytes > CHUNK_BUDGET:
+        message_size = _json_size(message)
+        if size + message_size > CHUNK_BUDGET:
             parts.append([])
-            size = 0
+            size = 1  # "[": each message brings its "," or "]"
         parts[-1].append(message)
-        size += message.nbytes
+        size += message_size
     return parts
 
 
@@ -722,8 +777,17 @@ def _snapshot_info(doc: dict[str, Any]) -> SnapshotInfo:
 
 
 def _chunk_doc(messages: Sequence[Message], expire_at: datetime) -> dict[str, Any]:
+    encoded = _encode_messages(messages)
+    # JSON escapes a quote in two bytes and a control character in six: text dense with them
+    # can outgrow Message.nbytes, by which the service sizes a flush's commit and a message
+    # is admitted at all. Such chunks keep the map layout, which stores text unescaped and
+    # never exceeds nbytes, so a commit or a one-message chunk is no larger than it ever was.
+    if len(encoded) <= sum(m.nbytes for m in messages):
+        stored: dict[str, Any] = {MESSAGES_JSON: encoded.decode()}
+    else:
+        stored = {LEGACY_MESSAGES: [_message_doc(m) for m in messages]}
     return {
-        "messages": [_message_doc(m) for m in messages],
+        **stored,
         "count": len(messages),
         "minId": messages[0].id,
         "maxId": messages[-1].id,

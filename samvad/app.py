@@ -14,7 +14,7 @@ from samvad.api.middlewares import edge
 from samvad.api.observability import setup_observability
 from samvad.api.openapi import setup_openapi
 from samvad.api.realtime import CLOSE_GOING_AWAY, CONNECTIONS, Connections, realtime_routes
-from samvad.api.routes import routes
+from samvad.api.routes import RENDERED, RenderedBodies, routes
 from samvad.api.security import install_security
 from samvad.clock import Clock
 from samvad.config import Settings
@@ -42,6 +42,7 @@ def create_app(
         client_max_size=settings.max_body_bytes, middlewares=[edge(settings.project, metrics)]
     )
     app[SETTINGS] = settings
+    app[RENDERED] = RenderedBodies()
     # Inside the edge middleware; refuses (AuthConfigError) when auth cannot work.
     install_security(app, settings)
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, TypeVar
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from samvad.clock import Clock, MonotonicIds, SystemClock, monotonic, to_micros
 from samvad.config import Settings
@@ -132,6 +132,10 @@ class _HistoryAppends:
     def merge(
         self, pending: tuple[Message, ...] | None, new: tuple[Message, ...]
     ) -> tuple[Message, ...]:
+        if len(new) == 1 and (
+            not pending or (pending[-1].id < new[0].id and len(pending) < self._cap)
+        ):
+            return (*(pending or ()), *new)  # the usual append: the newest yet, under the cap
         # Appends beyond the newest `cap` could never be served: they need not be written.
         return newest((*(pending or ()), *new), self._cap)
 
@@ -146,6 +150,27 @@ class _HistoryAppends:
 
     def size(self, value: tuple[Message, ...]) -> int:
         return sum(m.nbytes for m in value)
+
+
+@dataclass(frozen=True, slots=True)
+class _ViewInputs:
+    """The records a profile view was built from."""
+
+    base: Profile | None
+    pending: tuple[Message, ...]
+    state: UserState | None
+    view: ProfileView
+
+
+def _preferences(state: UserState | None) -> dict[str, Any]:
+    """Preferences are read from the user's state: its `preferences` and `language`."""
+    if state is None:
+        return {}
+    prefs = state.data.get("preferences")
+    result: dict[str, Any] = dict(prefs) if isinstance(prefs, dict) else {}
+    if isinstance(state.data.get("language"), str):
+        result.setdefault("language", state.data["language"])
+    return result
 
 
 class SessionPersistenceService:
@@ -179,6 +204,7 @@ class SessionPersistenceService:
         self._states: TTLCache[str, UserState | None] = TTLCache(size, ttl)
         self._profiles: TTLCache[str, Profile | None] = TTLCache(size, ttl)
         self._sessions: TTLCache[str, SessionRecord | None] = TTLCache(size, ttl)
+        self._views: LRUCache[str, _ViewInputs] = LRUCache(size)
         self._loads: dict[Hashable, asyncio.Task[Any]] = {}
         # in-flight loads that a change overtook: the version their result must reach to be kept
         self._outdated_loads: dict[tuple[int, str], int] = {}
@@ -311,38 +337,56 @@ class SessionPersistenceService:
             base = None
         if base is None and not pending:
             raise NotFound("no profile for this user")
+        state = await self._live_state(user_id)
+        # A view is a pure function of these records, which are immutable: while they are the
+        # very objects it was built from, it is still right (and so is its rendered JSON).
+        memo = self._views.get(user_id)
+        if (
+            memo is not None
+            and memo.base is base
+            and memo.pending is pending
+            and memo.state is state
+            and memo.view.partial == partial
+        ):
+            view = memo.view
+        else:
+            view = self._profile_view(user_id, base, pending, state, partial)
+            self._views[user_id] = _ViewInputs(base, pending, state, view)
+        if self._expired("profile", view.updated_us):
+            raise NotFound("no profile for this user")
+        return view
+
+    def _profile_view(
+        self,
+        user_id: str,
+        base: Profile | None,
+        pending: tuple[Message, ...],
+        state: UserState | None,
+        partial: bool,
+    ) -> ProfileView:
         stored = base.messages if base else ()
         silence = int(self.retention.profile * 1_000_000)
         kept = after_last_silence((*stored, *pending), silence)
         if base is not None and kept and kept[0].at_us > base.updated_us:
             base = None  # everything stored came before the silence
-        messages = newest(kept, self.settings.history_cap)
         pending = tuple(m for m in pending if not kept or m.id >= kept[0].id)
         stamps = [m.at_us for m in pending]
         if base is not None:
             stamps += [base.created_us, base.updated_us]
-        if self._expired("profile", max(stamps)):
-            raise NotFound("no profile for this user")
         return ProfileView(
             user_id=user_id,
-            messages=messages,
-            preferences=await self._preferences(user_id),
+            messages=newest(kept, self.settings.history_cap),
+            preferences=_preferences(state),
             created_us=min(stamps),
             updated_us=max(stamps),
             partial=partial,
         )
 
-    async def _preferences(self, user_id: str) -> dict[str, Any]:
-        """Preferences are read from the user's state: its `preferences` and `language`."""
+    async def _live_state(self, user_id: str) -> UserState | None:
         try:
-            state = await self.get_user_state(user_id)
+            return await self.get_user_state(user_id)
         except (NotFound, StoreUnavailable):
-            return {}
-        prefs = state.data.get("preferences")
-        result: dict[str, Any] = dict(prefs) if isinstance(prefs, dict) else {}
-        if isinstance(state.data.get("language"), str):
-            result.setdefault("language", state.data["language"])
-        return result
+            return None
 
     # ---- sessions -----------------------------------------------------------------------------
 
@@ -452,6 +496,7 @@ class SessionPersistenceService:
                 self.writer.discard_before(key, at_us)
         self._states[user_id] = None
         self._profiles[user_id] = None
+        self._views.pop(user_id, None)
         sessions = set(report.session_ids) | set(pending_sessions)
         for sid in sessions:
             self._sessions[sid] = None
@@ -877,6 +922,7 @@ class SessionPersistenceService:
             for cache in (self._states, self._profiles):
                 cache.pop(change.key, None)
                 self._outdate_load(cache, change.key, WIPED)
+            self._views.pop(change.key, None)
             for sid, rec in list(self._sessions.items()):
                 if rec is not None and rec.user_id == change.key:
                     self._sessions.pop(sid, None)

@@ -289,6 +289,8 @@ class WriteBehind:
                 task = asyncio.get_running_loop().create_task(self._flush(key))
                 self._flush_tasks.add(task)
                 task.add_done_callback(self._flush_tasks.discard)
+            # Not kept while idle: it would keep the last entry's data alive, a wiped user's too.
+            entry = None
             timeout = None
             if self._heap:
                 timeout = max(0.0, self._heap[0][0] - monotonic())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Callable
 from typing import Any
@@ -11,11 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from samvad.api.keys import SERVICE
+from samvad.api.routes import RENDERED
 from samvad.app import create_app
 from samvad.config import Settings
 from samvad.errors import InvalidId
 from samvad.ids import check_id
 from samvad.store.firestore import FirestoreStore
+from tests.support import wait_for
 
 Client = TestClient  # type: ignore[type-arg]
 API = "/api/session"
@@ -211,6 +214,46 @@ async def test_refresh_wipes_the_user_and_nobody_else(client: Client) -> None:
         "interruptions": 0,
         "snapshots": 0,
     }
+
+
+async def test_rendered_reads_follow_every_change_and_forget_a_wiped_user(
+    client: Client,
+) -> None:
+    """Cached reads answer with the body rendered for the record the service holds: the same
+    bytes while it is unchanged, a new body after any change, nothing kept after a wipe."""
+    rendered = client.app[RENDERED]
+    await ok(await client.post(f"{API}/u1/state", json={"language": "en"}))
+    await ok(await client.post(f"{API}/u1/history", json={"role": "user", "content": "first"}))
+
+    async def body(path: str) -> bytes:
+        response = await client.get(f"{API}/u1/{path}")
+        assert response.status == 200
+        return await response.read()
+
+    state, profile = await body("state"), await body("profile")
+    assert await body("state") == state and await body("profile") == profile
+    assert len(rendered) == 2
+
+    await ok(await client.post(f"{API}/u1/state", json={"language": "hi", "mood": "calm"}))
+    assert json.loads(await body("state"))["state"]["mood"] == "calm"
+    # the profile's preferences come from the state: its body follows the state too
+    assert json.loads(await body("profile"))["profile"]["preferences"] == {"language": "hi"}
+    await ok(await client.post(f"{API}/u1/history", json={"role": "assistant", "content": "2nd"}))
+    history = json.loads(await body("profile"))["profile"]["conversationHistory"]
+    assert [m["content"] for m in history] == ["first", "2nd"]
+    writer = client.app[SERVICE].writer
+
+    async def flushed() -> bool:
+        return writer.stats().entries == 0
+
+    await wait_for(flushed, within=10)
+    # stored: the profile now comes from the cache, unchanged
+    assert json.loads(await body("profile"))["profile"]["conversationHistory"] == history
+
+    await ok(await client.post(f"{API}/refresh", json={"userId": "u1"}))
+    await failed(await client.get(f"{API}/u1/profile"), 404)
+    gc.collect()
+    assert len(rendered) == 0
 
 
 async def test_delete_session(client: Client) -> None:

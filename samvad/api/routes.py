@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -49,27 +52,63 @@ SESSION_ID = r"{sessionId:(?!(?:" + "|".join(sorted(RESERVED_SESSION_IDS)) + r")
 routes = web.RouteTableDef()
 
 
+def to_json(model: BaseModel, keep_nulls: bool = False) -> bytes:
+    """JSON of `model`; None fields are left out unless `keep_nulls` (then unset ones are)."""
+    # Bytes straight from pydantic's serializer: a str body (model_dump_json) would be decoded
+    # only to be re-encoded by aiohttp's payload machinery, a few µs on every response.
+    serializer = model.__pydantic_serializer__
+    if keep_nulls:
+        return serializer.to_json(model, by_alias=True, exclude_unset=True)
+    return serializer.to_json(model, by_alias=True, exclude_none=True)
+
+
+def json_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
 def render(
     model: BaseModel,
     status: int = 200,
     headers: dict[str, str] | None = None,
     keep_nulls: bool = False,
 ) -> web.Response:
-    """JSON of `model`; None fields are left out unless `keep_nulls` (then unset ones are)."""
-    # Bytes straight from pydantic's serializer: a str body (model_dump_json) would be decoded
-    # only to be re-encoded by aiohttp's payload machinery, a few µs on every response.
-    serializer = model.__pydantic_serializer__
-    body = (
-        serializer.to_json(model, by_alias=True, exclude_unset=True)
-        if keep_nulls
-        else serializer.to_json(model, by_alias=True, exclude_none=True)
-    )
-    return web.Response(
-        status=status,
-        body=body,
-        content_type="application/json",
-        headers=headers,
-    )
+    return json_response(to_json(model, keep_nulls), status, headers)
+
+
+class RenderedBodies:
+    """JSON bodies of the hot reads, kept for as long as the record they were rendered from.
+
+    The service's records are immutable, and a cached read returns the very same object until
+    it changes: a body rendered from it is still right, so a cache hit is answered with bytes,
+    without building a model or encoding. A body goes when its record is garbage (a weak
+    reference's callback): what the service forgot, a wiped user's data included, is not kept
+    here either, and no bound beyond the service's own caches is needed.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: dict[int, tuple[weakref.ref[object], bytes]] = {}
+
+    def body(self, source: object, render: Callable[[], bytes]) -> bytes:
+        key = id(source)
+        found = self._bodies.get(key)
+        if found is not None and found[0]() is source:
+            return found[1]
+        body = render()
+        self._bodies[key] = (weakref.ref(source, partial(self._drop, key)), body)
+        return body
+
+    def _drop(self, key: int, ref: weakref.ref[object]) -> None:
+        found = self._bodies.get(key)
+        if found is not None and found[0] is ref:
+            del self._bodies[key]
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+
+RENDERED = web.AppKey("rendered_bodies", RenderedBodies)
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
@@ -254,28 +293,35 @@ async def save_state(request: web.Request) -> web.Response:
 
 @routes.get("/api/session/{userId}/state")
 async def get_state(request: web.Request) -> web.Response:
-    user_id = request.match_info["userId"]
-    state = await service(request).get_user_state(user_id)
-    shown = {**state.data, "updatedAt": iso(from_micros(state.updated_us)), "isActive": True}
-    return render(StateResponse(user_id=user_id, state=shown))
+    state = await service(request).get_user_state(request.match_info["userId"])
+
+    def state_json() -> bytes:
+        shown = {**state.data, "updatedAt": iso(from_micros(state.updated_us)), "isActive": True}
+        return to_json(StateResponse(user_id=state.user_id, state=shown))
+
+    return json_response(request.app[RENDERED].body(state, state_json))
 
 
 @routes.get("/api/session/{userId}/profile")
 async def get_profile(request: web.Request) -> web.Response:
-    user_id = request.match_info["userId"]
-    view = await service(request).get_user_profile(user_id)
-    profile = ProfileOut(
-        user_id=user_id,
-        conversation_history=[
-            MessageOut(role=m.role, content=m.content, timestamp=iso(from_micros(m.at_us)))
-            for m in view.messages
-        ],
-        preferences=view.preferences,
-        history_length=len(view.messages),
-        created_at=iso(from_micros(view.created_us)),
-        last_updated=iso(from_micros(view.updated_us)),
-    )
-    return render(ProfileResponse(user_id=user_id, profile=profile), headers=_partial(view.partial))
+    view = await service(request).get_user_profile(request.match_info["userId"])
+
+    def profile_json() -> bytes:
+        profile = ProfileOut(
+            user_id=view.user_id,
+            conversation_history=[
+                MessageOut(role=m.role, content=m.content, timestamp=iso(from_micros(m.at_us)))
+                for m in view.messages
+            ],
+            preferences=view.preferences,
+            history_length=len(view.messages),
+            created_at=iso(from_micros(view.created_us)),
+            last_updated=iso(from_micros(view.updated_us)),
+        )
+        return to_json(ProfileResponse(user_id=view.user_id, profile=profile))
+
+    body = request.app[RENDERED].body(view, profile_json)
+    return json_response(body, headers=_partial(view.partial))
 
 
 @routes.post("/api/session/{userId}/history")

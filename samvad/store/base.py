@@ -27,13 +27,15 @@ class Message:
     role: str
     content: str
     at_us: int
+    # Counted once: the write-behind sums it over a user's pending messages on every append.
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.content.encode()) + len(self.role) + len(self.id) + MESSAGE_OVERHEAD
+    def __post_init__(self) -> None:
+        size = len(self.content.encode()) + len(self.role) + len(self.id) + MESSAGE_OVERHEAD
+        object.__setattr__(self, "nbytes", size)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakly referenced by rendered bodies
 class UserState:
     user_id: str
     data: dict[str, Any]

@@ -6,9 +6,8 @@ import json
 import logging
 import sys
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp.abc import AbstractAccessLogger
@@ -23,8 +22,7 @@ _SEVERITY = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class RequestLogContext:
+class RequestLogContext(NamedTuple):  # a tuple: made on every request, cheaper than a dataclass
     """What ties a log line to its request in Cloud Logging: the trace and a request id."""
 
     request_id: str

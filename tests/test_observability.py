@@ -3,13 +3,12 @@ lines with route templates and no personal data."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
-
-import asyncio
 
 import pytest
 from aiohttp import web

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from samvad.api.metrics import Metrics
 from samvad.app import create_app
 from samvad.config import Settings
 from tests.support import wait_for
@@ -180,3 +181,34 @@ async def test_an_outage_shows_as_unreachable_failed_flushes_and_a_backlog(
         return text if up and value(text, "samvad_write_backlog_entries") == 0 else None
 
     await wait_for(recovered, within=15)
+
+
+def test_request_latency_is_a_prometheus_histogram() -> None:
+    metrics = Metrics()
+    for seconds in (0.001, 0.005, 0.0051, 0.3, 20.0):
+        metrics.observe_request(HISTORY, "POST", 200, seconds)
+    metrics.observe_request(HISTORY, "BREW", 503, 0.01)  # unknown methods mint no series
+    text = metrics.exposition().decode()
+    name = "samvad_http_request_duration_seconds"
+    labels = {"route": HISTORY, "method": "POST", "status_class": "2xx"}
+
+    def bucket(le: str) -> float | None:
+        return value(text, f"{name}_bucket", **labels, le=le)
+
+    # cumulative, and a bound holds what equals it
+    assert [bucket(le) for le in ("0.005", "0.01", "0.25", "0.5", "10.0", "+Inf")] == [
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+    ]
+    assert value(text, f"{name}_count", **labels) == 5
+    assert value(text, f"{name}_sum", **labels) == pytest.approx(20.3111)
+    other = {"route": HISTORY, "method": "OTHER", "status_class": "5xx"}
+    assert value(text, f"{name}_count", **other) == 1
+    assert [(t.method, t.status_class, t.count) for t in metrics.request_totals()] == [
+        ("OTHER", "5xx", 1),
+        ("POST", "2xx", 5),
+    ]

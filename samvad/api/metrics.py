@@ -9,12 +9,18 @@ read at scrape time by a collector, so no hot path pays for metrics it does not 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from itertools import accumulate
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from samvad.api.keys import SERVICE
@@ -28,18 +34,73 @@ FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+class _Series:
+    __slots__ = ("buckets", "count", "seconds")
+
+    def __init__(self, buckets: int) -> None:
+        self.buckets = [0] * buckets  # per bucket, not cumulative; the last one is +Inf
+        self.count = 0
+        self.seconds = 0.0
+
+
+class RequestLatency(Collector):
+    """`samvad_http_request_duration_seconds`, kept without locks.
+
+    prometheus_client's Histogram takes a lock and walks its buckets on every observation, a
+    cost on every request; requests are only ever observed on the event loop's thread, so
+    plain counters do, turned into a histogram when scraped.
+    """
+
+    name = "samvad_http_request_duration_seconds"
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._bounds = buckets
+        self._series: dict[tuple[str, str, int], _Series] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method if method in _METHODS else "OTHER", status // 100)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(len(self._bounds) + 1)
+        series.buckets[bisect_left(self._bounds, seconds)] += 1  # `le`: bounds are inclusive
+        series.count += 1
+        series.seconds += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            self.name,
+            "Time from a request reaching the app to its response being ready, by route template.",
+            labels=["route", "method", "status_class"],
+        )
+        for (route, method, status_class), series in sorted(self._series.items()):
+            cumulative = list(accumulate(series.buckets))
+            buckets = [(str(b), float(n)) for b, n in zip(self._bounds, cumulative, strict=False)]
+            family.add_metric(
+                [route, method, f"{status_class}xx"],
+                [*buckets, ("+Inf", float(series.count))],
+                series.seconds,
+            )
+        yield family
+
+    def totals(self) -> list[RouteTotals]:
+        return [
+            RouteTotals(
+                route=route,
+                method=method,
+                status_class=f"{status_class}xx",
+                count=series.count,
+                seconds=round(series.seconds, 6),
+            )
+            for (route, method, status_class), series in sorted(self._series.items())
+        ]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.started = time.time()
-        self.request_seconds = Histogram(
-            "samvad_http_request_duration_seconds",
-            "Time from a request reaching the app to its response being ready, by route template.",
-            ["route", "method", "status_class"],
-            buckets=REQUEST_BUCKETS,
-            registry=self.registry,
-        )
-        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self.requests = RequestLatency(REQUEST_BUCKETS)
+        self.registry.register(self.requests)
         self.flush_seconds = Histogram(
             "samvad_flush_duration_seconds",
             "Time one write-behind flush took (one coalesced document write), by outcome.",
@@ -49,13 +110,7 @@ class Metrics:
         )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        method = method if method in _METHODS else "OTHER"
-        key = (route, method, status // 100)
-        child = self._request_children.get(key)
-        if child is None:  # labels() locks and hashes on each call: look it up once per key
-            child = self.request_seconds.labels(route, method, f"{status // 100}xx")
-            self._request_children[key] = child
-        child.observe(seconds)
+        self.requests.observe(route, method, status, seconds)
 
     def observe_flush(self, kind: str, seconds: float, landed: bool) -> None:
         self.flush_seconds.labels(kind, "ok" if landed else "failed").observe(seconds)
@@ -64,24 +119,7 @@ class Metrics:
         return generate_latest(self.registry)
 
     def request_totals(self) -> list[RouteTotals]:
-        counts: dict[tuple[str, str, str], RouteTotals] = {}
-        for metric in self.request_seconds.collect():
-            for sample in metric.samples:
-                if not sample.name.endswith(("_count", "_sum")):
-                    continue
-                labels = sample.labels
-                key = (labels["route"], labels["method"], labels["status_class"])
-                totals = counts.setdefault(
-                    key,
-                    RouteTotals(
-                        route=key[0], method=key[1], status_class=key[2], count=0, seconds=0
-                    ),
-                )
-                if sample.name.endswith("_count"):
-                    totals.count = int(sample.value)
-                else:
-                    totals.seconds = round(sample.value, 6)
-        return sorted(counts.values(), key=lambda t: (t.route, t.method, t.status_class))
+        return self.requests.totals()
 
 
 METRICS = web.AppKey("metrics", Metrics)

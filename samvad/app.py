@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from samvad.api.dashboard import setup_dashboard
-from samvad.api.keys import SERVICE, SETTINGS
+from samvad.api.keys import RESPONSE_HEADERS, SERVICE, SETTINGS, HeaderHook
 from samvad.api.lifecycle import lifecycle_routes
 from samvad.api.metrics import Metrics, setup_metrics
 from samvad.api.middlewares import edge
-from samvad.api.observability import setup_observability
 from samvad.api.openapi import setup_openapi
 from samvad.api.realtime import CLOSE_GOING_AWAY, CONNECTIONS, Connections, realtime_routes
 from samvad.api.routes import RENDERED, RenderedBodies, routes
@@ -38,9 +37,12 @@ def create_app(
     clock: Clock | None = None,
 ) -> web.Application:
     metrics = Metrics()
+    header_hooks: list[HeaderHook] = []
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[edge(settings.project, metrics)]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[edge(settings.project, metrics, header_hooks)],
     )
+    app[RESPONSE_HEADERS] = header_hooks
     app[SETTINGS] = settings
     app[RENDERED] = RenderedBodies()
     # Inside the edge middleware; refuses (AuthConfigError) when auth cannot work.
@@ -67,7 +69,6 @@ def create_app(
     app.cleanup_ctx.append(service_ctx)
     app.cleanup_ctx.append(connections_ctx)
     app.on_shutdown.append(close_sockets)
-    setup_observability(app)
     setup_metrics(app, metrics)
     setup_dashboard(app)
     setup_openapi(app)

@@ -98,10 +98,17 @@ async def test_every_response_carries_the_security_headers(
     assert "Access-Control-Allow-Origin" not in response.headers  # CORS is off by default
 
 
-async def test_the_websocket_upgrade_and_the_html_page_carry_them_too(client: Client) -> None:
+async def test_the_websocket_upgrade_the_export_and_the_html_page_carry_them_too(
+    client: Client,
+) -> None:
     ws = await client.ws_connect("/ws", params={"userId": "u1", "token": token("u1")})
     assert_hardened(ws._response.headers, json_body=False)
+    assert ws._response.headers["X-Request-Id"]
     await ws.close()
+    export = await client.get(f"{API}/u1/export", headers=bearer(token("u1")))
+    assert export.status == 200
+    assert_hardened(export.headers)  # a stream its handler prepares itself
+    assert export.headers["X-Request-Id"]
     page = await client.get("/dashboard")
     assert page.status == 200
     assert_hardened(page.headers, json_body=False)

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from samvad.api.middlewares import prepare
 from samvad.api.routes import SESSION_ID, parse, render, service, session_out
 from samvad.clock import from_micros, iso
 from samvad.errors import InvalidInput, NotFound
@@ -173,7 +174,7 @@ async def export_user(request: web.Request) -> web.StreamResponse:
             "Content-Disposition": 'attachment; filename="samvad-export.json"',
         }
     )
-    await response.prepare(request)
+    await prepare(request, response)
 
     async def put(text: str) -> None:
         await response.write(text.encode())

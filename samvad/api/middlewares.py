@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from samvad.api.observability import request_ids, request_log_context
+from samvad.api.keys import RESPONSE_HEADERS, HeaderHook
+from samvad.api.observability import REQUEST_ID_HEADER, request_ids, request_log_context
 from samvad.errors import BacklogFull, SamvadError, ShuttingDown, StoreUnavailable
 from samvad.logs import CURRENT_REQUEST, REQUEST_LOG_CONTEXT
 from samvad.models import ErrorResponse
@@ -38,14 +39,15 @@ def error_response(
     )
 
 
-def edge(project: str, metrics: Metrics) -> Middleware:
-    """The outermost middleware. One instead of three (context, metrics, errors): every
-    middleware is a frame and a partial on every request.
+def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Middleware:
+    """The outermost middleware. One instead of three middlewares and two response hooks:
+    each of them is a frame, a partial or a signal on every request.
 
     - every log line of the request, errors included, carries its trace and request id;
     - metrics see the status the client got, errors included (a websocket's "latency" is its
       connection's life: samvad_websockets_open tells of those);
-    - SamvadErrors, aiohttp's HTTP errors and anything unexpected become JSON answers.
+    - SamvadErrors, aiohttp's HTTP errors and anything unexpected become JSON answers;
+    - every answer names its request id and gets the `header_hooks`' headers.
     """
     ids = request_ids()
 
@@ -79,9 +81,28 @@ def edge(project: str, metrics: Metrics) -> Middleware:
                 metrics.observe_request(
                     _route(request), request.method, status, time.perf_counter() - started
                 )
+        if not response.prepared:  # else its handler did this (prepare)
+            _set_headers(request, response, header_hooks)
         return response
 
     return middleware
+
+
+async def prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """For handlers that send a response themselves (streams, websocket upgrades): its
+    headers as the edge would set them, then prepare."""
+    _set_headers(request, response, request.app[RESPONSE_HEADERS])
+    await response.prepare(request)
+
+
+def _set_headers(
+    request: web.Request, response: web.StreamResponse, hooks: list[HeaderHook]
+) -> None:
+    context = request.get(REQUEST_LOG_CONTEXT)
+    if context is not None:
+        response.headers[REQUEST_ID_HEADER] = context.request_id
+    for hook in hooks:
+        hook(request, response)
 
 
 def _domain_error(exc: SamvadError) -> web.Response:

@@ -13,10 +13,9 @@ import re
 import uuid
 from collections.abc import Iterator
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from samvad.logs import REQUEST_LOG_CONTEXT, RequestLogContext
+from samvad.logs import RequestLogContext
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # What a request id from a client or a proxy may look like to be taken as is: short, and nothing
@@ -87,15 +86,3 @@ def request_log_context(
         span_id=span_id,
         sampled=sampled,
     )
-
-
-async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every answer names its request id, websocket upgrades and the
-    error middleware's answers included (they are prepared after a handler set their headers)."""
-    context = request.get(REQUEST_LOG_CONTEXT)
-    if context is not None:
-        response.headers[REQUEST_ID_HEADER] = context.request_id
-
-
-def setup_observability(app: web.Application) -> None:
-    app.on_response_prepare.append(echo_request_id)

@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ValidationError
 
 from samvad.api import jsonio
+from samvad.api.middlewares import prepare
 from samvad.api.routes import SESSION_ID, read_object, render, service
 from samvad.api.security import take_rate
 from samvad.clock import from_micros, iso, monotonic
@@ -613,7 +614,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         joined = True
         grace = settings.ws_resume_grace  # from here, a drop leaves it active for a reconnect
         snap = await snapshot(svc, user_id, session_id)
-        await ws.prepare(request)
+        await prepare(request, ws)
         conn.start(
             ReadyFrame(
                 session_id=session_id,

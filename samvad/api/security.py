@@ -18,7 +18,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from cachetools import TTLCache
 
-from samvad.api.keys import SERVICE
+from samvad.api.keys import RESPONSE_HEADERS, SERVICE
 from samvad.api.middlewares import error_response
 from samvad.api.routes import read_object
 from samvad.auth import (
@@ -340,7 +340,7 @@ SECURITY_HEADERS = {
 JSON_CSP = "default-src 'none'; frame-ancestors 'none'"
 
 
-async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Before any response's headers go out: what a handler set itself stays (setdefault)."""
     headers = response.headers
     for name, value in SECURITY_HEADERS.items():
@@ -387,7 +387,7 @@ def install_security(app: web.Application, settings: Settings) -> None:
         app.middlewares.append(cors_preflight)
     if guard.authenticator is not None:  # with SAMVAD_AUTH=none it would only pass through
         app.middlewares.append(authenticate)
-    app.on_response_prepare.append(security_headers)
+    app[RESPONSE_HEADERS].append(security_headers)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         if guard.authenticator is None:

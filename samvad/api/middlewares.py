@@ -82,7 +82,7 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
                     _route(request), request.method, status, time.perf_counter() - started
                 )
         if not response.prepared:  # else its handler did this (prepare)
-            _set_headers(request, response, header_hooks)
+            _set_headers(request, response, context.request_id, header_hooks)
         return response
 
     return middleware
@@ -91,16 +91,15 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
 async def prepare(request: web.Request, response: web.StreamResponse) -> None:
     """For handlers that send a response themselves (streams, websocket upgrades): its
     headers as the edge would set them, then prepare."""
-    _set_headers(request, response, request.app[RESPONSE_HEADERS])
+    request_id = request[REQUEST_LOG_CONTEXT].request_id
+    _set_headers(request, response, request_id, request.app[RESPONSE_HEADERS])
     await response.prepare(request)
 
 
 def _set_headers(
-    request: web.Request, response: web.StreamResponse, hooks: list[HeaderHook]
+    request: web.Request, response: web.StreamResponse, request_id: str, hooks: list[HeaderHook]
 ) -> None:
-    context = request.get(REQUEST_LOG_CONTEXT)
-    if context is not None:
-        response.headers[REQUEST_ID_HEADER] = context.request_id
+    response.headers[REQUEST_ID_HEADER] = request_id
     for hook in hooks:
         hook(request, response)
 

@@ -18,7 +18,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from cachetools import TTLCache
 
-from samvad.api.keys import RESPONSE_HEADERS, SERVICE
+from samvad.api.keys import RESPONSE_HEADERS, SERVICE, HeaderHook
 from samvad.api.middlewares import error_response
 from samvad.api.routes import read_object
 from samvad.auth import (
@@ -345,16 +345,22 @@ def security_headers(request: web.Request, response: web.StreamResponse) -> None
     headers = response.headers
     for name, value in SECURITY_HEADERS.items():
         headers.setdefault(name, value)
-    if response.content_type == "application/json":
+    # The raw header, not response.content_type: that parses it anew for every response.
+    if headers.get(hdrs.CONTENT_TYPE, "").startswith("application/json"):
         headers.setdefault(hdrs.CONTENT_SECURITY_POLICY, JSON_CSP)
-    guard = request.app.get(GUARD)
-    if guard is not None and guard.cors_origins:
+
+
+def cors_headers(origins: frozenset[str]) -> HeaderHook:
+    def set_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        headers = response.headers
         headers.add(hdrs.VARY, hdrs.ORIGIN)
         origin = request.headers.get(hdrs.ORIGIN)
-        if origin is not None and origin in guard.cors_origins:
+        if origin is not None and origin in origins:
             headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
             if request.method != hdrs.METH_OPTIONS:
                 headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = CORS_EXPOSE_HEADERS
+
+    return set_cors_headers
 
 
 # ---- wiring -------------------------------------------------------------------------------------
@@ -382,12 +388,14 @@ def install_security(app: web.Application, settings: Settings) -> None:
         build_authenticator(settings), rate_limits(settings), parse_origins(settings.cors_origins)
     )
     app[GUARD] = guard
-    # Each middleware costs every request tens of µs: install only those that can act.
+    # Each middleware or hook costs every request: install only those that can act.
     if guard.cors_origins:
         app.middlewares.append(cors_preflight)
     if guard.authenticator is not None:  # with SAMVAD_AUTH=none it would only pass through
         app.middlewares.append(authenticate)
     app[RESPONSE_HEADERS].append(security_headers)
+    if guard.cors_origins:
+        app[RESPONSE_HEADERS].append(cors_headers(guard.cors_origins))
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         if guard.authenticator is None:

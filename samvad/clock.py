@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Protocol
 
 
@@ -45,6 +46,17 @@ def to_micros(at: datetime) -> int:
 def iso(at: datetime) -> str:
     """ISO 8601 in UTC with millisecond precision and a Z, as the design note shows."""
     return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_us(us: int) -> str:
+    """`iso(from_micros(us))` without building a datetime: every message shown is stamped."""
+    seconds, micros = divmod(us, 1_000_000)
+    return f"{_iso_second(seconds)}.{micros // 1000:03d}Z"
+
+
+@lru_cache(maxsize=256)
+def _iso_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 monotonic = time.monotonic

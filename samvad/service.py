@@ -112,8 +112,8 @@ class _LastWriteWins:
     def __init__(self, stamp: Callable[[Any], int]) -> None:
         self._stamp = stamp
 
-    def merge(self, pending: Any, new: Any) -> Any:
-        return new
+    def merge(self, pending: Any, pending_size: int, new: Any) -> tuple[Any, int]:
+        return new, self.size(new)
 
     def remaining(self, pending: Any, flushed: Any) -> Any:
         return None if pending is flushed else pending
@@ -130,14 +130,17 @@ class _HistoryAppends:
         self._cap = cap
 
     def merge(
-        self, pending: tuple[Message, ...] | None, new: tuple[Message, ...]
-    ) -> tuple[Message, ...]:
-        if len(new) == 1 and (
-            not pending or (pending[-1].id < new[0].id and len(pending) < self._cap)
-        ):
-            return (*(pending or ()), *new)  # the usual append: the newest yet, under the cap
+        self, pending: tuple[Message, ...] | None, pending_size: int, new: tuple[Message, ...]
+    ) -> tuple[tuple[Message, ...], int]:
+        if len(new) == 1 and (not pending or pending[-1].id < new[0].id):
+            # The usual append, the newest yet: counted, not recounted.
+            if not pending or len(pending) < self._cap:
+                return (*(pending or ()), *new), pending_size + new[0].nbytes
+            dropped = pending[0]  # the oldest falls beyond the cap
+            return (*pending[1:], *new), pending_size - dropped.nbytes + new[0].nbytes
         # Appends beyond the newest `cap` could never be served: they need not be written.
-        return newest((*(pending or ()), *new), self._cap)
+        merged = newest((*(pending or ()), *new), self._cap)
+        return merged, self.size(merged)
 
     def remaining(
         self, pending: tuple[Message, ...], flushed: tuple[Message, ...]

@@ -33,8 +33,9 @@ FlushHook = Callable[[str, float, bool], None]
 
 
 class Coalescer(Protocol[V]):
-    def merge(self, pending: V | None, new: V) -> V:
-        """The pending value after `new` is written on top of `pending`."""
+    def merge(self, pending: V | None, pending_size: int, new: V) -> tuple[V, int]:
+        """The pending value after `new` is written on top of `pending` (of `pending_size`
+        bytes), and its size: given the size so far, an append need not count it all again."""
         ...
 
     def remaining(self, pending: V, flushed: V) -> V | None:
@@ -136,9 +137,9 @@ class WriteBehind:
             raise ShuttingDown()
         coalescer = self._kinds[key[0]].coalescer
         entry = self._entries.get(key)
-        merged = coalescer.merge(entry.value if entry else None, value)
-        nbytes = coalescer.size(merged)
-        grow = nbytes - (entry.nbytes if entry else 0)
+        pending_size = entry.nbytes if entry else 0
+        merged, nbytes = coalescer.merge(entry.value if entry else None, pending_size, value)
+        grow = nbytes - pending_size
         if grow > 0 and self._bytes + grow > self._max_bytes:
             self._refusing = True
             raise BacklogFull(retry_after=self._retry_after())

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
 
+from samvad.clock import from_micros, iso, iso_us
 from samvad.config import Settings
 from samvad.errors import NotFound
-from samvad.service import SessionPersistenceService
-from samvad.store.base import Change, UserState
+from samvad.service import SessionPersistenceService, _HistoryAppends
+from samvad.store.base import Change, Message, UserState
 from samvad.store.memory import MemoryStore
 
 
@@ -65,3 +67,26 @@ async def test_a_remote_wipe_during_a_cold_read_is_not_undone_by_it() -> None:
     assert await store.get_state("u1") is None
     with pytest.raises(NotFound):  # not the pre-wipe state from the overtaken read
         await service.get_user_state("u1")
+
+
+def test_iso_us_is_iso_of_the_datetime() -> None:
+    rng = random.Random(7)
+    stamps = [0, 999, 1_000_000, 1795323244645693, 4102444799999999]
+    stamps += [rng.randrange(0, 4102444800000000) for _ in range(20_000)]
+    for us in stamps:
+        assert iso_us(us) == iso(from_micros(us)), us
+
+
+def test_pending_appends_keep_the_newest_and_count_their_bytes() -> None:
+    """The write-behind's byte bound counts appends without recounting: the count must
+    stay the size of what is pending, in order, past the cap and out of order too."""
+    appends = _HistoryAppends(cap=5)
+    pending: tuple[Message, ...] | None = None
+    size = 0
+    stamps = [*range(1, 9), 3, 20, 4]  # in order, past the cap, then late and duplicate ones
+    for n in stamps:
+        message = Message(id=f"{n:017d}-i", role="user", content="é" * n, at_us=n)
+        pending, size = appends.merge(pending, size, (message,))
+        assert size == appends.size(pending)
+    assert pending is not None
+    assert [m.at_us for m in pending] == [5, 6, 7, 8, 20]

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from samvad.api.middlewares import prepare
 from samvad.api.routes import SESSION_ID, parse, render, service, session_out
-from samvad.clock import from_micros, iso
+from samvad.clock import iso, iso_us
 from samvad.errors import InvalidInput, NotFound
 from samvad.models import (
     PatchSessionRequest,
@@ -53,7 +53,7 @@ def snapshot_out(info: SnapshotInfo) -> SnapshotOut:
     return SnapshotOut(
         id=info.snapshot_id,
         name=info.name,
-        created_at=iso(from_micros(info.created_us)),
+        created_at=iso_us(info.created_us),
         size=info.size,
     )
 
@@ -144,10 +144,7 @@ async def delete_snapshot(request: web.Request) -> web.Response:
 
 
 def _messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
-    return [
-        {"role": m.role, "content": m.content, "timestamp": iso(from_micros(m.at_us))}
-        for m in messages
-    ]
+    return [{"role": m.role, "content": m.content, "timestamp": iso_us(m.at_us)} for m in messages]
 
 
 @lifecycle_routes.get("/api/session/{userId}/export")
@@ -214,7 +211,7 @@ async def export_user(request: web.Request) -> web.StreamResponse:
         }
         await put(("," if i else "") + dump(entry))
     interruptions = {
-        sid: [{**item.data, "timestamp": iso(from_micros(item.at_us))} for item in items]
+        sid: [{**item.data, "timestamp": iso_us(item.at_us)} for item in items]
         for sid, items in svc.interruptions_of(user_id).items()
     }
     await put('],"interruptions":' + dump(interruptions) + "}")

@@ -22,7 +22,7 @@ from samvad.api import jsonio
 from samvad.api.middlewares import prepare
 from samvad.api.routes import SESSION_ID, read_object, render, service
 from samvad.api.security import take_rate
-from samvad.clock import from_micros, iso, monotonic
+from samvad.clock import iso_us, monotonic
 from samvad.config import Settings
 from samvad.errors import InvalidInput, NotFound, PayloadTooLarge, SamvadError, ShuttingDown
 from samvad.events import Event
@@ -75,13 +75,11 @@ realtime_routes = web.RouteTableDef()
 
 
 def message_out(message: Message) -> MessageOut:
-    return MessageOut(
-        role=message.role, content=message.content, timestamp=iso(from_micros(message.at_us))
-    )
+    return MessageOut(role=message.role, content=message.content, timestamp=iso_us(message.at_us))
 
 
 def interruption_out(item: Interruption) -> InterruptionOut:
-    return InterruptionOut.model_validate({**item.data, "timestamp": iso(from_micros(item.at_us))})
+    return InterruptionOut.model_validate({**item.data, "timestamp": iso_us(item.at_us)})
 
 
 def frame_json(frame: BaseModel) -> str:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from samvad.api import jsonio
 from samvad.api.keys import SERVICE
-from samvad.clock import from_micros, iso
+from samvad.clock import iso_us
 from samvad.errors import InvalidInput
 from samvad.ids import RESERVED_SESSION_IDS
 from samvad.models import (
@@ -149,7 +149,7 @@ def service(request: web.Request) -> SessionPersistenceService:
 
 
 def _ts(us: int | None) -> str | None:
-    return iso(from_micros(us)) if us is not None else None
+    return iso_us(us) if us is not None else None
 
 
 def session_out(svc: SessionPersistenceService, record: SessionRecord) -> SessionOut:
@@ -162,8 +162,8 @@ def session_out(svc: SessionPersistenceService, record: SessionRecord) -> Sessio
         context=record.context,
         status=status,
         is_active=status == "active",
-        created_at=iso(from_micros(record.created_us)),
-        last_activity=iso(from_micros(record.last_activity_us)),
+        created_at=iso_us(record.created_us),
+        last_activity=iso_us(record.last_activity_us),
         ended_at=_ts(record.ended_us),
         abandoned_at=_ts(svc.abandoned_at(record)),
         participants=[
@@ -171,8 +171,8 @@ def session_out(svc: SessionPersistenceService, record: SessionRecord) -> Sessio
                 user_id=p.user_id,
                 device_id=p.device_id,
                 platform=p.platform,
-                joined_at=iso(from_micros(p.joined_us)),
-                last_seen=iso(from_micros(p.last_seen_us)),
+                joined_at=iso_us(p.joined_us),
+                last_seen=iso_us(p.last_seen_us),
                 left_at=_ts(p.left_us),
             )
             for p in record.participants
@@ -296,7 +296,7 @@ async def get_state(request: web.Request) -> web.Response:
     state = await service(request).get_user_state(request.match_info["userId"])
 
     def state_json() -> bytes:
-        shown = {**state.data, "updatedAt": iso(from_micros(state.updated_us)), "isActive": True}
+        shown = {**state.data, "updatedAt": iso_us(state.updated_us), "isActive": True}
         return to_json(StateResponse(user_id=state.user_id, state=shown))
 
     return json_response(request.app[RENDERED].body(state, state_json))
@@ -310,13 +310,13 @@ async def get_profile(request: web.Request) -> web.Response:
         profile = ProfileOut(
             user_id=view.user_id,
             conversation_history=[
-                MessageOut(role=m.role, content=m.content, timestamp=iso(from_micros(m.at_us)))
+                MessageOut(role=m.role, content=m.content, timestamp=iso_us(m.at_us))
                 for m in view.messages
             ],
             preferences=view.preferences,
             history_length=len(view.messages),
-            created_at=iso(from_micros(view.created_us)),
-            last_updated=iso(from_micros(view.updated_us)),
+            created_at=iso_us(view.created_us),
+            last_updated=iso_us(view.updated_us),
         )
         return to_json(ProfileResponse(user_id=view.user_id, profile=profile))
 
@@ -334,7 +334,7 @@ async def append_history(request: web.Request) -> web.Response:
     out = MessageAppended(
         message="Message appended to history",
         user_id=user_id,
-        timestamp=iso(from_micros(ack.value.at_us)),
+        timestamp=iso_us(ack.value.at_us),
         durable=ack.durable,
     )
     return render(out, ack_status(ack))
@@ -357,7 +357,7 @@ async def end_session(request: web.Request) -> web.Response:
     out = SessionEnded(
         message="Session ended successfully",
         session_id=ack.value.session_id,
-        ended_at=iso(from_micros(ack.value.ended_us or ack.value.updated_us)),
+        ended_at=iso_us(ack.value.ended_us or ack.value.updated_us),
         durable=ack.durable,
     )
     return render(out, ack_status(ack))

@@ -2,12 +2,12 @@
 
 For the benchmark only: SAMVAD_BENCH_DROP names what to leave out (comma-separated):
 
-- `access_log`: the JSON access line per request;
-- `request_context`: the trace / request-id middleware and its response hook;
-- `metrics`: the Prometheus request middleware;
-- `security`: the CORS and authentication middlewares and the security-headers hook.
+- `edge`: the edge middleware (request context, request id, metrics, JSON errors, and the
+  response headers it sets);
+- `security`: the security-header hook, and the CORS and authentication middlewares.
 
-Everything else is samvad as `python -m samvad` runs it.
+The access line and the change feed are settings (SAMVAD_ACCESS_LOG, SAMVAD_SYNC_INTERVAL), not
+layers to cut out. Everything else is samvad as `python -m samvad` runs it.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from typing import Any
 
 from samvad import __main__ as entry
 from samvad import app as app_module
-from samvad import logs
+from samvad.api.keys import RESPONSE_HEADERS
 
-LAYERS: dict[str, tuple[str, ...]] = {
-    "request_context": ("request_context", "echo_request_id"),
-    "metrics": ("request_metrics",),
-    "security": ("cors_preflight", "authenticate", "security_headers"),
+MIDDLEWARES: dict[str, tuple[str, ...]] = {
+    "edge": ("edge",),
+    "security": ("cors_preflight", "authenticate"),
 }
 
 
@@ -33,21 +32,19 @@ def _name(function: Any) -> str:
 
 def main() -> None:
     drop = {d.strip() for d in os.environ.get("SAMVAD_BENCH_DROP", "").split(",") if d.strip()}
-    unknown = drop - {*LAYERS, "access_log"}
+    unknown = drop - set(MIDDLEWARES)
     if unknown:
         sys.exit(f"unknown layers: {', '.join(sorted(unknown))}")
-    names = tuple(n for layer in drop & set(LAYERS) for n in LAYERS[layer])
+    names = tuple(n for layer in drop for n in MIDDLEWARES[layer])
     create_app = app_module.create_app
 
     def without_layers(*args: Any, **kwargs: Any) -> Any:
         app = create_app(*args, **kwargs)
         app.middlewares[:] = [m for m in app.middlewares if not _name(m).startswith(names)]
-        kept = [h for h in app.on_response_prepare if not _name(h).startswith(names)]
-        app.on_response_prepare[:] = kept
+        if "security" in drop:
+            app[RESPONSE_HEADERS].clear()
         return app
 
-    if "access_log" in drop:
-        logs.AccessLogger.enabled = property(lambda self: False)  # type: ignore[method-assign,assignment]
     entry.create_app = without_layers  # type: ignore[attr-defined]
     entry.main()
 

@@ -20,7 +20,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from cachetools import LRUCache, TTLCache
 
-from samvad.clock import Clock, MonotonicIds, SystemClock, monotonic, to_micros
+from samvad.clock import Clock, MonotonicIds, SystemClock, micros_of, monotonic
 from samvad.config import Settings
 from samvad.errors import (
     Conflict,
@@ -189,6 +189,7 @@ class SessionPersistenceService:
         self.clock = clock or SystemClock()
         self.instance_id = instance_id or secrets.token_hex(4)
         self._stamps = MonotonicIds(self.clock)
+        self._wall_us = micros_of(self.clock)
         self.retention = settings.retention()
         self.health = StoreHealth(store.ping, settings.retry_base, settings.retry_max)
         self.writer = WriteBehind(
@@ -251,7 +252,7 @@ class SessionPersistenceService:
         return self._stamps.next_micros()
 
     def wall_us(self) -> int:
-        return to_micros(self.clock.now())
+        return self._wall_us()
 
     def _expired(self, kind: str, last_us: int) -> bool:
         return self.retention.expired(kind, last_us, self.wall_us())

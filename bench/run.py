@@ -96,12 +96,20 @@ def server_logs(folder: Path, tail: int = 1500) -> str:
     return "\n".join(parts)
 
 
-async def run_workloads(names: list[str], quick: bool, emulator_host: str) -> dict[str, Any]:
+async def run_workloads(
+    names: list[str], quick: bool, emulator_host: str, rounds: int | None
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="samvad-bench-") as logs:
         connector = aiohttp.TCPConnector(limit=200)
         async with aiohttp.ClientSession(connector=connector) as http:
-            ctx = Context(quick=quick, emulator_host=emulator_host, log_dir=Path(logs), http=http)
+            ctx = Context(
+                quick=quick,
+                emulator_host=emulator_host,
+                log_dir=Path(logs),
+                http=http,
+                rounds=rounds,
+            )
             for name in names:
                 log(f"== {name}")
                 started = time.perf_counter()
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated: {','.join(WORKLOADS)}")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the raw results JSON")
     parser.add_argument("--report-only", action="store_true", help="regenerate the document only")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of each HTTP cell (default 2; layers 4)"
+    )
     parser.add_argument("--no-report", action="store_true", help="leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
 
@@ -140,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         if os.environ.get("FIRESTORE_EMULATOR_HOST"):
             results = asyncio.run(
-                run_workloads(names, args.quick, os.environ["FIRESTORE_EMULATOR_HOST"])
+                run_workloads(names, args.quick, os.environ["FIRESTORE_EMULATOR_HOST"], args.rounds)
             )
         else:
             with FirestoreEmulator() as emulator:
-                results = asyncio.run(run_workloads(names, args.quick, emulator.host))
+                results = asyncio.run(run_workloads(names, args.quick, emulator.host, args.rounds))
         info["wall_seconds"] = round(time.perf_counter() - started, 1)
         info["quick"] = args.quick
         info["load_average_after"] = list(os.getloadavg())

@@ -62,6 +62,7 @@ class Context:
     log_dir: Path
     http: aiohttp.ClientSession
     notes: list[str] = field(default_factory=list)
+    rounds: int | None = None  # of each HTTP cell; more rounds, less noise in the best one
 
     def project(self, name: str) -> str:
         return f"bench-{name}-{uuid.uuid4().hex[:8]}"
@@ -280,7 +281,7 @@ async def http(
     names = tuple(names)
     duration = duration or ctx.pick(1.5, 1.0)
     warmup = warmup or ctx.pick(0.4, 0.3)
-    rounds = rounds or ctx.pick(2, 1)
+    rounds = rounds or ctx.rounds or ctx.pick(2, 1)
     users = [f"bench-u{i}" for i in range(max(levels))]
     running = await start_http_servers(ctx, names)
     results: dict[str, Any] = {op: {name: {} for name in names} for op in ops}
@@ -335,7 +336,7 @@ async def layers(ctx: Context) -> dict[str, Any]:
     (bench/layers.py), GET state at 32 connections, side by side with the ceiling."""
     users = [f"bench-u{i}" for i in range(32)]
     spec = {**SPECS["state"], "users": users}
-    rounds = ctx.pick(4, 1)
+    rounds = ctx.rounds or ctx.pick(4, 1)
     started: dict[str, HttpServer] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     try:

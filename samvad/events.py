@@ -48,5 +48,8 @@ class EventHub:
             except Exception:
                 log.exception("event listener failed")
 
+    def listened(self, user_id: str) -> bool:
+        return user_id in self._listeners
+
     def listeners(self, user_id: str) -> int:
         return len(self._listeners.get(user_id, ()))

@@ -320,8 +320,9 @@ class SessionPersistenceService:
             id=f"{at_us:017d}-{self.instance_id}", role=role, content=content, at_us=at_us
         )
         waiter = self.writer.submit(("history", user_id), (message,), durable)
-        self.events.publish(Event(user_id, "message", {"message": message}, origin))
-        return Ack(message, await self._settle(waiter))
+        if self.events.listened(user_id):  # an event is built only for someone to hear it
+            self.events.publish(Event(user_id, "message", {"message": message}, origin))
+        return Ack(message, None if waiter is None else await self._settle(waiter))
 
     async def get_user_profile(self, user_id: str) -> ProfileView:
         check_id("userId", user_id)

@@ -50,6 +50,7 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
     - every answer names its request id and gets the `header_hooks`' headers.
     """
     ids = request_ids()
+    observe = metrics.requests.observe
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -78,11 +79,11 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
         finally:
             CURRENT_REQUEST.reset(token)
             if status != 101:
-                metrics.observe_request(
-                    _route(request), request.method, status, time.perf_counter() - started
-                )
+                observe(_route(request), request.method, status, time.perf_counter() - started)
         if not response.prepared:  # else its handler did this (prepare)
-            _set_headers(request, response, context.request_id, header_hooks)
+            response.headers[REQUEST_ID_HEADER] = context.request_id
+            for hook in header_hooks:
+                hook(request, response)
         return response
 
     return middleware
@@ -91,17 +92,10 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
 async def prepare(request: web.Request, response: web.StreamResponse) -> None:
     """For handlers that send a response themselves (streams, websocket upgrades): its
     headers as the edge would set them, then prepare."""
-    request_id = request[REQUEST_LOG_CONTEXT].request_id
-    _set_headers(request, response, request_id, request.app[RESPONSE_HEADERS])
-    await response.prepare(request)
-
-
-def _set_headers(
-    request: web.Request, response: web.StreamResponse, request_id: str, hooks: list[HeaderHook]
-) -> None:
-    response.headers[REQUEST_ID_HEADER] = request_id
-    for hook in hooks:
+    response.headers[REQUEST_ID_HEADER] = request[REQUEST_LOG_CONTEXT].request_id
+    for hook in request.app[RESPONSE_HEADERS]:
         hook(request, response)
+    await response.prepare(request)
 
 
 def _domain_error(exc: SamvadError) -> web.Response:

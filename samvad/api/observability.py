@@ -13,11 +13,14 @@ import re
 import uuid
 from collections.abc import Iterator
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from samvad.logs import RequestLogContext
 
-REQUEST_ID_HEADER = "X-Request-Id"
+# istr: looked up in every request's headers, without case-folding the name each time
+REQUEST_ID_HEADER = istr("X-Request-Id")
+TRACEPARENT_HEADER = istr("traceparent")
+CLOUD_TRACE_HEADER = istr("X-Cloud-Trace-Context")
 # What a request id from a client or a proxy may look like to be taken as is: short, and nothing
 # that could forge a log field or carry a sentence of personal data.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+/=-]{0,127}")
@@ -70,11 +73,11 @@ def request_log_context(
     else:
         request_id = next(ids) if ids is not None else uuid.uuid4().hex
     trace: tuple[str, str | None, bool | None] | None = None
-    traceparent = headers.get("traceparent")
+    traceparent = headers.get(TRACEPARENT_HEADER)
     if traceparent is not None:
         trace = parse_traceparent(traceparent)
     if trace is None:
-        cloud_trace = headers.get("X-Cloud-Trace-Context")
+        cloud_trace = headers.get(CLOUD_TRACE_HEADER)
         if cloud_trace is not None:
             trace = parse_cloud_trace(cloud_trace)
     if trace is None:

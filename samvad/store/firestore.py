@@ -567,21 +567,33 @@ class FirestoreStore:
             async with self._guard("server time"):
                 now = await self._server_now()
             return ChangeBatch(cursor={name: now for name, _ in feeds})
+
+        async def feed(name: str, kind: ChangeKind) -> list[Change]:
+            query = (
+                self._db.collection(name)
+                .where(filter=FieldFilter("committedAt", ">", start[name] - CHANGE_OVERLAP))
+                .order_by("committedAt")
+                .select(["version", "at", "committedAt"])
+                .limit(CHANGE_PAGE)
+            )
+            found = []
+            async for snap in query.stream():
+                doc = snap.to_dict() or {}
+                version = to_micros(doc["at"]) if "at" in doc else int(doc.get("version", 0))
+                found.append(Change(kind, snap.id, version))
+                start[name] = max(start[name], doc["committedAt"])
+            return found
+
+        # At once, not one after the other: a poll takes one round trip instead of five.
         changes: list[Change] = []
         async with self._guard("change feed"):
-            for name, kind in feeds:
-                query = (
-                    self._db.collection(name)
-                    .where(filter=FieldFilter("committedAt", ">", start[name] - CHANGE_OVERLAP))
-                    .order_by("committedAt")
-                    .select(["version", "at", "committedAt"])
-                    .limit(CHANGE_PAGE)
-                )
-                async for snap in query.stream():
-                    doc = snap.to_dict() or {}
-                    version = to_micros(doc["at"]) if "at" in doc else int(doc.get("version", 0))
-                    changes.append(Change(kind, snap.id, version))
-                    start[name] = max(start[name], doc["committedAt"])
+            batches = await asyncio.gather(
+                *(feed(name, kind) for name, kind in feeds), return_exceptions=True
+            )
+            for batch in batches:
+                if isinstance(batch, BaseException):
+                    raise batch  # each one ran to its end: none is left unretrieved
+                changes += batch
         return ChangeBatch(changes=changes, cursor=start)
 
     async def _server_now(self) -> datetime:

@@ -843,6 +843,7 @@ class SessionPersistenceService:
 
     async def _flush_state(self, user_id: str, state: UserState) -> UserState:
         version = await self.store.put_state(state)
+        self._outdate_load(self._states, user_id, WIPED if version is None else version)
         if version is None:
             self._states.pop(user_id, None)  # a newer write or a wipe won: read it again
         else:
@@ -860,6 +861,7 @@ class SessionPersistenceService:
                 break
         cap = self.settings.history_cap
         version = await self.store.append_messages(user_id, batch, cap)
+        self._outdate_load(self._profiles, user_id, WIPED if version is None else version)
         base = self._profiles.get(user_id, _MISS)
         if version is not None and base is None and version == 1:
             self._profiles[user_id] = Profile(
@@ -879,6 +881,7 @@ class SessionPersistenceService:
 
     async def _flush_session(self, session_id: str, record: SessionRecord) -> SessionRecord:
         version = await self.store.put_session(record)
+        self._outdate_load(self._sessions, session_id, WIPED if version is None else version)
         if version is None:
             self._sessions.pop(session_id, None)
         else:
@@ -906,6 +909,8 @@ class SessionPersistenceService:
                 self.apply_change(change)
 
     def _outdate_load(self, cache: TTLCache[str, Any], key: str, version: int) -> None:
+        """A read of `key` in flight may predate a write of `version` (another instance's, from
+        the change feed, or this one's own flush): its result is then not to be cached."""
         load_key = (id(cache), key)
         if load_key in self._loads:
             self._outdated_loads[load_key] = max(version, self._outdated_loads.get(load_key, 0))

@@ -12,7 +12,7 @@ from samvad.clock import from_micros, iso, iso_us
 from samvad.config import Settings
 from samvad.errors import NotFound
 from samvad.service import SessionPersistenceService, _HistoryAppends
-from samvad.store.base import Change, Message, UserState
+from samvad.store.base import Change, Message, Profile, UserState
 from samvad.store.memory import MemoryStore
 
 
@@ -67,6 +67,41 @@ async def test_a_remote_wipe_during_a_cold_read_is_not_undone_by_it() -> None:
     assert await store.get_state("u1") is None
     with pytest.raises(NotFound):  # not the pre-wipe state from the overtaken read
         await service.get_user_state("u1")
+
+
+class GatedProfiles(MemoryStore):
+    """Profile reads take their value at once and hand it back when the gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.read_taken = asyncio.Event()
+
+    async def get_profile(self, user_id: str, cap: int) -> Profile | None:
+        value = await super().get_profile(user_id, cap)
+        self.read_taken.set()
+        await self.gate.wait()
+        return value
+
+
+async def test_a_flush_of_this_instance_that_overtakes_a_cold_read_is_not_cached_away() -> None:
+    """An append is pending; a read of the profile starts (and finds nothing stored yet); the
+    append's flush lands while that read is in flight. The read must not leave "no profile"
+    cached: the append is no longer pending, and the user would get 404s."""
+    store = GatedProfiles()
+    service = SessionPersistenceService(store, Settings(auth="none", sync_interval=0))
+    await service.start()
+    try:
+        await service.append_to_user_history("u1", "user", "hello")
+        cold_read = asyncio.create_task(service.get_user_profile("u1"))
+        await store.read_taken.wait()  # the read took "nothing stored" and waits
+        assert await service.drain()  # the append lands meanwhile
+        store.gate.set()
+        assert [m.content for m in (await cold_read).messages] == ["hello"]  # from pending
+        profile = await service.get_user_profile("u1")
+        assert [m.content for m in profile.messages] == ["hello"]
+    finally:
+        await service.close()
 
 
 def test_iso_us_is_iso_of_the_datetime() -> None:

@@ -568,7 +568,17 @@ class FirestoreStore:
                 now = await self._server_now()
             return ChangeBatch(cursor={name: now for name, _ in feeds})
 
-        async def feed(name: str, kind: ChangeKind) -> list[Change]:
+        async def read(name: str, kind: ChangeKind, stream: Any) -> list[Change]:
+            found = []
+            async for snap in stream:
+                doc = snap.to_dict() or {}
+                version = to_micros(doc["at"]) if "at" in doc else int(doc.get("version", 0))
+                found.append(Change(kind, snap.id, version))
+                start[name] = max(start[name], doc["committedAt"])
+            return found
+
+        reads = []
+        for name, kind in feeds:
             query = (
                 self._db.collection(name)
                 .where(filter=FieldFilter("committedAt", ">", start[name] - CHANGE_OVERLAP))
@@ -576,20 +586,11 @@ class FirestoreStore:
                 .select(["version", "at", "committedAt"])
                 .limit(CHANGE_PAGE)
             )
-            found = []
-            async for snap in query.stream():
-                doc = snap.to_dict() or {}
-                version = to_micros(doc["at"]) if "at" in doc else int(doc.get("version", 0))
-                found.append(Change(kind, snap.id, version))
-                start[name] = max(start[name], doc["committedAt"])
-            return found
-
+            reads.append(read(name, kind, query.stream()))  # runs when iterated
         # At once, not one after the other: a poll takes one round trip instead of five.
         changes: list[Change] = []
         async with self._guard("change feed"):
-            batches = await asyncio.gather(
-                *(feed(name, kind) for name, kind in feeds), return_exceptions=True
-            )
+            batches = await asyncio.gather(*reads, return_exceptions=True)
             for batch in batches:
                 if isinstance(batch, BaseException):
                     raise batch  # each one ran to its end: none is left unretrieved

@@ -98,14 +98,28 @@ def configure(level: str = "INFO") -> None:
 class AccessLogger(AbstractAccessLogger):
     """One line per request: route template, never the raw path (ids are personal data), no
     query string, no body; the request's trace and id so it groups with its other lines.
-    Severity follows the status, as in Cloud Run's own request log: 5xx ERROR, 4xx WARNING."""
+    Severity follows the status, as in Cloud Run's own request log: 5xx ERROR, 4xx WARNING;
+    a request slower than `slow_after` is a WARNING too."""
+
+    slow_after = 1.0
 
     @property
     def enabled(self) -> bool:
-        # Below INFO aiohttp then skips the access line altogether, not just its output.
-        return self.logger.isEnabledFor(logging.INFO)
+        # When not even an ERROR line would be written, aiohttp skips the access line
+        # altogether, not just its output.
+        return self.logger.isEnabledFor(logging.ERROR)
+
+    def severity(self, response: StreamResponse, time: float) -> int:
+        if response.status >= 500:
+            return logging.ERROR
+        if response.status >= 400 or time >= self.slow_after:
+            return logging.WARNING
+        return logging.INFO
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        level = self.severity(response, time)
+        if not self.logger.isEnabledFor(level):  # handle() below does not look at levels
+            return
         route = "unmatched"
         match_info = getattr(request, "match_info", None)
         resource = match_info.route.resource if match_info is not None else None
@@ -127,11 +141,7 @@ class AccessLogger(AbstractAccessLogger):
         # find its caller: a cost on every request for a line that names no caller.
         record = self.logger.makeRecord(
             self.logger.name,
-            logging.ERROR
-            if response.status >= 500
-            else logging.WARNING
-            if response.status >= 400
-            else logging.INFO,
+            level,
             __name__,
             0,
             f"{request.method} {route} {response.status}",
@@ -143,9 +153,7 @@ class AccessLogger(AbstractAccessLogger):
 
 
 class ErrorAccessLogger(AccessLogger):
-    """Lines only for answers worth a look: 4xx, 5xx, and requests slower than `slow_after`."""
-
-    slow_after = 1.0
+    """Lines only for answers worth a look: 4xx, 5xx and slow requests (WARNING and up)."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if response.status >= 400 or time >= self.slow_after:
@@ -156,6 +164,5 @@ def access_logger_class(mode: str, slow_after: float) -> type[AccessLogger] | No
     """The access logger for SAMVAD_ACCESS_LOG (`all`, `errors`, `off`: None)."""
     if mode == "off":
         return None
-    if mode == "all":
-        return AccessLogger
-    return type("ErrorAccessLogger", (ErrorAccessLogger,), {"slow_after": slow_after})
+    base = AccessLogger if mode == "all" else ErrorAccessLogger
+    return type(base.__name__, (base,), {"slow_after": slow_after})

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from samvad.api.observability import parse_cloud_trace, parse_traceparent
 from samvad.app import create_app
 from samvad.config import Settings
-from samvad.logs import AccessLogger, JsonFormatter, access_logger_class
+from samvad.logs import AccessLogger, ErrorAccessLogger, JsonFormatter, access_logger_class
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 W3C_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -225,12 +225,35 @@ async def test_by_default_only_errors_and_slow_requests_get_an_access_line(
     assert logged[ids(missing)]["httpRequest"]["status"] == 404
     assert logged[ids(bad)]["severity"] == "WARNING"
     assert float(logged[ids(slow)]["httpRequest"]["latency"][:-1]) >= 0.2
+    assert logged[ids(slow)]["severity"] == "WARNING"
     assert len(logged) == 3
+
+
+async def test_error_lines_are_written_when_the_log_level_is_warning(
+    aiohttp_client: Callable[..., Any], settings: Settings, logs: LogCapture
+) -> None:
+    """SAMVAD_LOG_LEVEL=WARNING keeps what an operator must see: 4xx and 5xx lines."""
+    access_log_class = access_logger_class("errors", slow_after=1.0)
+    assert access_log_class is not None
+    server = await serve(aiohttp_client, settings, access_log_class)
+    access = logging.getLogger("aiohttp.access")
+    access.setLevel(logging.WARNING)
+    try:
+        missing = await server.get("/api/session/nobody/state")
+        read = await server.get("/healthz")
+    finally:
+        access.setLevel(logging.NOTSET)
+    assert (missing.status, read.status) == (404, 200)
+    logged = {line["requestId"]: line for line in logs.access()}
+    assert logged[missing.headers["X-Request-Id"]]["severity"] == "WARNING"
+    assert read.headers["X-Request-Id"] not in logged
 
 
 def test_access_log_modes() -> None:
     assert access_logger_class("off", 1.0) is None
-    assert access_logger_class("all", 1.0) is AccessLogger
+    every = access_logger_class("all", 2.5)
+    assert every is not None and issubclass(every, AccessLogger)
+    assert not issubclass(every, ErrorAccessLogger) and every.slow_after == 2.5
     assert Settings.from_env({"SAMVAD_ACCESS_LOG": "all"}).access_log == "all"
     with pytest.raises(ValueError, match="SAMVAD_ACCESS_LOG"):
         Settings.from_env({"SAMVAD_ACCESS_LOG": "loud"})

@@ -892,7 +892,7 @@ def section_micro(w: dict[str, Any]) -> list[str]:
         "request_log_context_no_trace": "request_log_context() with no trace header",
         "uuid4_hex": "uuid.uuid4().hex (the request id it makes)",
         "prefix_and_counter_id": "a request id from an instance prefix and a counter instead",
-        "request_latency_observe": "Metrics.observe_request (the lock-free histogram)",
+        "request_latency_observe": "RequestLatency.observe (the lock-free histogram)",
         "response_with_security_headers_setdefault": (
             "a web.Response with the security headers set by 6 setdefault calls (as now)"
         ),

@@ -1205,7 +1205,7 @@ async def request_pieces(number: int) -> dict[str, Any]:
         "uuid4_hex": _best_us(lambda: uuid.uuid4().hex, number),
         "prefix_and_counter_id": _best_us(lambda: f"{prefix}{next(counter):016x}", number),
         "request_latency_observe": _best_us(
-            lambda: metrics.observe_request("/api/session/{userId}/state", "GET", 200, 4e-4),
+            lambda: metrics.requests.observe("/api/session/{userId}/state", "GET", 200, 4e-4),
             number,
         ),
         "response_with_security_headers_setdefault": _best_us(with_setdefault, number),

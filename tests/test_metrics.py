@@ -186,8 +186,8 @@ async def test_an_outage_shows_as_unreachable_failed_flushes_and_a_backlog(
 def test_request_latency_is_a_prometheus_histogram() -> None:
     metrics = Metrics()
     for seconds in (0.001, 0.005, 0.0051, 0.3, 20.0):
-        metrics.observe_request(HISTORY, "POST", 200, seconds)
-    metrics.observe_request(HISTORY, "BREW", 503, 0.01)  # unknown methods mint no series
+        metrics.requests.observe(HISTORY, "POST", 200, seconds)
+    metrics.requests.observe(HISTORY, "BREW", 503, 0.01)  # unknown methods mint no series
     text = metrics.exposition().decode()
     name = "samvad_http_request_duration_seconds"
     labels = {"route": HISTORY, "method": "POST", "status_class": "2xx"}
@@ -208,7 +208,7 @@ def test_request_latency_is_a_prometheus_histogram() -> None:
     assert value(text, f"{name}_sum", **labels) == pytest.approx(20.3111)
     other = {"route": HISTORY, "method": "OTHER", "status_class": "5xx"}
     assert value(text, f"{name}_count", **other) == 1
-    assert [(t.method, t.status_class, t.count) for t in metrics.request_totals()] == [
+    assert [(t.method, t.status_class, t.count) for t in metrics.requests.totals()] == [
         ("OTHER", "5xx", 1),
         ("POST", "2xx", 5),
     ]

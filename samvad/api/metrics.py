@@ -109,17 +109,11 @@ class Metrics:
             registry=self.registry,
         )
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.observe(route, method, status, seconds)
-
     def observe_flush(self, kind: str, seconds: float, landed: bool) -> None:
         self.flush_seconds.labels(kind, "ok" if landed else "failed").observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-    def request_totals(self) -> list[RouteTotals]:
-        return self.requests.totals()
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -233,7 +227,7 @@ async def metrics_summary(request: web.Request) -> web.Response:
     connections = request.app.get(CONNECTIONS)
     summary = MetricsSummary(
         uptime_seconds=round(time.time() - metrics.started, 3),
-        requests=metrics.request_totals(),
+        requests=metrics.requests.totals(),
         cache_hits=service.cache_hits,
         cache_misses=service.cache_misses,
         backlog=backlog_out(stats),

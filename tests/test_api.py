@@ -370,6 +370,10 @@ BAD_BODIES: list[tuple[str, str, bytes, int]] = [
     ("POST", "/u1/state", b"null", 400),
     ("POST", "/u1/state", b'{"a": ' * 40 + b"1" + b"}" * 40, 400),
     ("POST", "/u1/state", b"\xff\xfe", 400),
+    # valid JSON, but a lone surrogate is no text: it could be stored, never answered
+    ("POST", "/u1/state", b'{"language": "\\udc00"}', 400),
+    ("POST", "/u1/state", b'{"\\ud800": 1}', 400),
+    ("POST", "/create", b'{"userId": "u1", "metadata": {"n": ["\\ud83d"]}}', 400),
     ("POST", "/create", b'{"sessionId": "s1"}', 400),
     ("POST", "/create", b'{"userId": 5}', 400),
     ("POST", "/create", b'{"userId": "u1", "metadata": [1]}', 400),

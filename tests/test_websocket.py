@@ -273,6 +273,7 @@ BAD_FRAMES: list[tuple[str, str | None, str]] = [
     ("[1, 2]", None, "JSON object"),
     ('"ping"', None, "JSON object"),
     ("NaN", None, "not valid JSON"),
+    ('{"type": "state", "id": "s", "state": {"mood": "\\udc00"}}', None, "not valid JSON"),
     ('{"id": "a"}', "a", "type must be one of"),
     ('{"type": "dance", "id": "b"}', "b", "type must be one of"),
     ('{"type": 7, "id": "c"}', "c", "type must be one of"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -15,16 +16,41 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(raw: bytes | str) -> Any:
-    """Parse JSON, refusing NaN and Infinity. Raises ValueError (RecursionError included)."""
+    """Parse JSON, refusing NaN, Infinity and lone surrogates. Raises ValueError (RecursionError
+    included)."""
     try:
         return orjson.loads(raw)  # about 10x the standard parser
     except orjson.JSONDecodeError:
-        # orjson also refuses some valid JSON (integers beyond 64 bits, lone surrogate escapes,
-        # UTF-16): the standard parser decides those, so the accepted input stays the same.
-        try:
-            return json.loads(raw, parse_constant=_reject_constant)
-        except RecursionError as exc:
-            raise ValueError("JSON nested too deeply") from exc
+        pass
+    # orjson also refuses some valid JSON (integers beyond 64 bits, UTF-16, lone surrogate
+    # escapes): the standard parser decides those. A lone surrogate ("\\ud800") parses, but
+    # it is no text: it cannot be encoded to answer it, so it would be stored and then fail
+    # every read. Only this rare path can produce one.
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+    if _holds_lone_surrogate(value):
+        raise ValueError("JSON text holds a lone surrogate (\\ud800-\\udfff), which is not text")
+    return value
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def too_deep(raw: bytes | str, value: Any, limit: int = MAX_JSON_DEPTH) -> bool:

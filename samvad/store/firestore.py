@@ -635,8 +635,13 @@ class _HistoryLayout:
         self._trim(cap)
 
     def _spill(self) -> None:
-        # The budgets hold the stored JSON text, escapes included. A flush is usually well
-        # within them: one encoding of the whole tail tells, before measuring message by message.
+        # The budgets hold the stored JSON text, escapes included. JSON writes a byte of content
+        # in at most six (a control character as \u00XX) and the rest of a message within its
+        # MESSAGE_OVERHEAD: a usual tail is provably within budget without encoding it here (the
+        # write encodes it once). Else one encoding of the whole tail tells, before measuring
+        # message by message.
+        if 6 * sum(m.nbytes for m in self.tail) <= TAIL_BUDGET:
+            return
         if len(_encode_messages(self.tail)) <= TAIL_BUDGET:
             return
         sizes = [_json_size(m) for m in self.tail]

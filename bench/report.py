@@ -912,7 +912,7 @@ def section_micro(w: dict[str, Any]) -> list[str]:
     return lines
 
 
-def section_suggestions(w: dict[str, Any], experiments: dict[str, Any] | None) -> list[str]:
+def section_suggestions(w: dict[str, Any]) -> list[str]:
     """What is left: measured, not applied."""
     items: list[str] = []
     saved = dig(w, "layers", "saved_us_per_request", default={})
@@ -1124,7 +1124,7 @@ def render(
         *section_recovery(w),
         *section_profile(w, before, experiments),
         *section_micro(w),
-        *section_suggestions(w, experiments),
+        *section_suggestions(w),
         *section_notes(doc),
     ]
     return "\n".join(lines).rstrip() + "\n"

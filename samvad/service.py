@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Generic, Literal, TypeVar
 
 from cachetools import LRUCache, TTLCache
@@ -191,6 +191,10 @@ class SessionPersistenceService:
         self._stamps = MonotonicIds(self.clock)
         self._wall_us = micros_of(self.clock)
         self.retention = settings.retention()
+        # Checked on every read: in microseconds, looked up by kind.
+        self._retention_us = {
+            kind: int(seconds * 1_000_000) for kind, seconds in asdict(self.retention).items()
+        }
         self.health = StoreHealth(store.ping, settings.retry_base, settings.retry_max)
         self.writer = WriteBehind(
             self.health,
@@ -255,7 +259,7 @@ class SessionPersistenceService:
         return self._wall_us()
 
     def _expired(self, kind: str, last_us: int) -> bool:
-        return self.retention.expired(kind, last_us, self.wall_us())
+        return self._wall_us() >= last_us + self._retention_us[kind]
 
     def status_of(self, record: SessionRecord) -> Status:
         """The lifecycle status, judged now: idleness needs no sweeper to become visible."""
@@ -293,7 +297,11 @@ class SessionPersistenceService:
         check_id("userId", user_id)
         state = self.writer.pending(("state", user_id))
         if state is None:
-            state = await self._cached(self._states, user_id, lambda: self.store.get_state(user_id))
+            state = self._cache_hit(self._states, user_id)
+        if state is _MISS:
+            state = await self._load_shared(
+                self._states, user_id, lambda: self.store.get_state(user_id)
+            )
         if state is None or self._expired("state", state.updated_us):
             raise NotFound("no state for this user")
         return state  # type: ignore[no-any-return]
@@ -329,11 +337,13 @@ class SessionPersistenceService:
         pending: tuple[Message, ...] = self.writer.pending(("history", user_id)) or ()
         partial = False
         try:
-            base: Profile | None = await self._cached(
-                self._profiles,
-                user_id,
-                lambda: self.store.get_profile(user_id, self.settings.history_cap),
-            )
+            base: Profile | None = self._cache_hit(self._profiles, user_id)
+            if base is _MISS:
+                base = await self._load_shared(
+                    self._profiles,
+                    user_id,
+                    lambda: self.store.get_profile(user_id, self.settings.history_cap),
+                )
         except StoreUnavailable:
             if not pending:
                 raise
@@ -432,7 +442,9 @@ class SessionPersistenceService:
         check_session_id(session_id)
         record = self.writer.pending(("session", session_id))
         if record is None:
-            record = await self._cached(
+            record = self._cache_hit(self._sessions, session_id)
+        if record is _MISS:
+            record = await self._load_shared(
                 self._sessions, session_id, lambda: self.store.get_session(session_id)
             )
         if record is None:
@@ -787,15 +799,22 @@ class SessionPersistenceService:
         self.health.record_success()
         return result
 
-    async def _cached(
+    def _cache_hit(self, cache: TTLCache[str, Any], key: str) -> Any:
+        """What `cache` holds for `key` (None: known absent), or _MISS. Every cached read passes
+        here: `cache[key]` costs a third of `cache.get`, which takes the TTL timer twice."""
+        try:
+            value = cache[key]
+        except KeyError:
+            self.cache_misses += 1
+            return _MISS
+        self.cache_hits += 1
+        return value
+
+    async def _load_shared(
         self, cache: TTLCache[str, Any], key: str, fetch: Callable[[], Awaitable[Any]]
     ) -> Any:
-        """The cached value, or one store read shared by every concurrent caller."""
-        hit = cache.get(key, _MISS)
-        if hit is not _MISS:
-            self.cache_hits += 1
-            return hit
-        self.cache_misses += 1
+        """One store read of what `cache` misses, shared by every concurrent caller; cached
+        unless a write overtook it."""
         load_key = (id(cache), key)
         task = self._loads.get(load_key)
         if task is None:

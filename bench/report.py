@@ -894,10 +894,10 @@ def section_micro(w: dict[str, Any]) -> list[str]:
         "prefix_and_counter_id": "a request id from an instance prefix and a counter instead",
         "request_latency_observe": "RequestLatency.observe (the lock-free histogram)",
         "response_with_security_headers_setdefault": (
-            "a web.Response with the security headers set by 6 setdefault calls (as now)"
+            "a web.Response with the security headers set by 6 setdefault calls (as before)"
         ),
-        "response_with_security_headers_extend": (
-            "a web.Response with the same headers set by one extend of a prebuilt CIMultiDict"
+        "response_with_security_headers_prebuilt": (
+            "json_response(): the same headers copied from one prebuilt set (as now)"
         ),
     }
     lines += [

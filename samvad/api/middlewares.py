@@ -14,9 +14,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from samvad.api.keys import RESPONSE_HEADERS, HeaderHook
 from samvad.api.observability import REQUEST_ID_HEADER, request_ids, request_log_context
+from samvad.api.responses import error_response
 from samvad.errors import BacklogFull, SamvadError, ShuttingDown, StoreUnavailable
 from samvad.logs import CURRENT_REQUEST, REQUEST_LOG_CONTEXT
-from samvad.models import ErrorResponse
 
 if TYPE_CHECKING:
     from samvad.api.metrics import Metrics
@@ -26,17 +26,6 @@ log = logging.getLogger(__name__)
 _HTTP_ERROR_MESSAGES = {404: "not found", 405: "method not allowed", 413: "request body too large"}
 # Status of a request whose client went away before it was answered (nginx's convention).
 CLIENT_CLOSED = 499
-
-
-def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=ErrorResponse(error=message).model_dump_json(by_alias=True).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
 
 
 def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Middleware:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from samvad.api import jsonio
 from samvad.api.keys import SERVICE
+from samvad.api.responses import json_response
 from samvad.clock import iso_us
 from samvad.errors import InvalidInput
 from samvad.ids import RESERVED_SESSION_IDS
@@ -60,12 +61,6 @@ def to_json(model: BaseModel, keep_nulls: bool = False) -> bytes:
     if keep_nulls:
         return serializer.to_json(model, by_alias=True, exclude_unset=True)
     return serializer.to_json(model, by_alias=True, exclude_none=True)
-
-
-def json_response(
-    body: bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def render(

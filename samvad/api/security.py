@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 from cachetools import TTLCache
 
 from samvad.api.keys import RESPONSE_HEADERS, SERVICE, HeaderHook
-from samvad.api.middlewares import error_response
+from samvad.api.responses import JSON_CSP, SECURITY_HEADERS, JsonResponse, error_response
 from samvad.api.routes import read_object
 from samvad.auth import (
     AuthConfigError,
@@ -329,19 +329,10 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
     )
 
 
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    # Cloud Run serves over TLS only: browsers should never try plain HTTP.
-    "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
-    "Cache-Control": "no-store",
-}
-JSON_CSP = "default-src 'none'; frame-ancestors 'none'"
-
-
 def security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Before any response's headers go out: what a handler set itself stays (setdefault)."""
+    """Before a response's headers go out: what its handler set itself stays (setdefault)."""
+    if isinstance(response, JsonResponse):
+        return  # made with all of them
     headers = response.headers
     for name, value in SECURITY_HEADERS.items():
         headers.setdefault(name, value)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, RequestKey, StreamResponse
+from aiohttp.web import BaseRequest, StreamResponse
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -23,12 +23,14 @@ _SEVERITY = {
 
 
 class RequestLogContext(NamedTuple):  # a tuple: made on every request, cheaper than a dataclass
-    """What ties a log line to its request in Cloud Logging: the trace and a request id."""
+    """What ties a log line to its request in Cloud Logging: the trace and a request id (and,
+    for the access line, the route template the request matched)."""
 
     request_id: str
     trace: str | None = None  # projects/<project>/traces/<trace id>
     span_id: str | None = None  # 16 hex digits
     sampled: bool | None = None
+    route: str = "unmatched"
 
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"requestId": self.request_id}
@@ -41,14 +43,13 @@ class RequestLogContext(NamedTuple):  # a tuple: made on every request, cheaper 
         return fields
 
 
-# Set by the request-context middleware for the duration of a handler. A ContextVar, not app
-# state: every request runs in a task of its own, and log calls deep in the service must find
-# their request's trace without it being passed down.
+# Set by the edge middleware in the task that handles the request. A ContextVar, not app
+# state: every request runs in a task of its own, and log calls deep in the service (and the
+# access line, written in that task when the response is sent) must find their request's trace
+# without it being passed down.
 CURRENT_REQUEST: ContextVar[RequestLogContext | None] = ContextVar(
     "samvad_current_request", default=None
 )
-# The same context on the request, for the access line (written after the handler returned).
-REQUEST_LOG_CONTEXT = RequestKey("request_log_context", RequestLogContext)
 
 
 # datetimes and dataclasses go through `default=str`, as with json.dumps.
@@ -120,15 +121,13 @@ class AccessLogger(AbstractAccessLogger):
         level = self.severity(response, time)
         if not self.logger.isEnabledFor(level):  # handle() below does not look at levels
             return
-        route = "unmatched"
-        match_info = getattr(request, "match_info", None)
-        resource = match_info.route.resource if match_info is not None else None
-        if resource is not None:
-            route = resource.canonical
         fields: dict[str, Any] = {}
-        context = request.get(REQUEST_LOG_CONTEXT)
+        # None for a request aiohttp could not parse: it answered 400 without routing it.
+        context = CURRENT_REQUEST.get()
+        route = "unmatched"
         if context is not None:
             fields.update(context.fields())
+            route = context.route
         fields["httpRequest"] = {
             "requestMethod": request.method,
             "status": response.status,

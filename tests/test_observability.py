@@ -160,6 +160,33 @@ async def test_lines_logged_while_handling_a_request_carry_its_trace(
     assert "logging.googleapis.com/trace" not in outside[0]
 
 
+async def test_a_requests_trace_does_not_carry_over_to_the_next_on_the_same_connection(
+    server: TestClient[web.Request, web.Application], logs: LogCapture
+) -> None:
+    # The edge sets a request's log context and leaves it there: it goes with the request's
+    # own task. Were it the connection's, what aiohttp answers on that connection without the
+    # edge (here a request it cannot parse) would be logged under the request before.
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"GET /test/log-inside HTTP/1.1\r\nHost: x\r\n"
+        + f"X-Cloud-Trace-Context: {TRACE_ID}/1;o=1\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")  # on the same connection
+    answer = await asyncio.wait_for(reader.read(), 10)  # the server closes after the 400
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400")
+    statuses = [line["httpRequest"]["status"] for line in logs.access()]
+    assert statuses == [200, 400]
+    traced, unparsed = logs.access()
+    assert traced["logging.googleapis.com/trace"].endswith(f"/traces/{TRACE_ID}")
+    assert "logging.googleapis.com/trace" not in unparsed
+    assert unparsed.get("requestId") != traced["requestId"]
+
+
 async def test_errors_and_unknown_paths_are_logged_by_template_with_request_id(
     server: TestClient[web.Request, web.Application], logs: LogCapture
 ) -> None:

@@ -16,7 +16,7 @@ from samvad.api.keys import RESPONSE_HEADERS, HeaderHook
 from samvad.api.observability import REQUEST_ID_HEADER, request_ids, request_log_context
 from samvad.api.responses import error_response
 from samvad.errors import BacklogFull, SamvadError, ShuttingDown, StoreUnavailable
-from samvad.logs import CURRENT_REQUEST, REQUEST_LOG_CONTEXT
+from samvad.logs import CURRENT_REQUEST
 
 if TYPE_CHECKING:
     from samvad.api.metrics import Metrics
@@ -43,32 +43,31 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        context = request_log_context(request.headers, project, ids)
-        request[REQUEST_LOG_CONTEXT] = context
-        token = CURRENT_REQUEST.set(context)
+        route = _route(request)
+        context = request_log_context(request.headers, project, ids, route)
+        # Not reset after the handler: aiohttp runs every request in a task of its own, with
+        # its own copy of the context (aiohttp#3406), so this goes with the task. The access
+        # line, written in that task after the handler returned, finds it there too.
+        CURRENT_REQUEST.set(context)
         started = time.perf_counter()
-        status = 500
         try:
             response = await handler(request)
-            status = response.status
         except SamvadError as exc:
             response = _domain_error(exc)
-            status = response.status
         except web.HTTPException as exc:
-            status = exc.status
-            if status < 400:
+            if exc.status < 400:  # a redirect: aiohttp sends it
+                observe(route, request.method, exc.status, time.perf_counter() - started)
                 raise
             response = _http_error(exc)
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED
+            observe(route, request.method, CLIENT_CLOSED, time.perf_counter() - started)
             raise
         except Exception:
-            log.exception("unhandled error", extra={"json_fields": {"route": _route(request)}})
+            log.exception("unhandled error", extra={"json_fields": {"route": route}})
             response = error_response(500, "internal error")
-        finally:
-            CURRENT_REQUEST.reset(token)
-            if status != 101:
-                observe(_route(request), request.method, status, time.perf_counter() - started)
+        status = response.status
+        if status != 101:
+            observe(route, request.method, status, time.perf_counter() - started)
         if not response.prepared:  # else its handler did this (prepare)
             response.headers[REQUEST_ID_HEADER] = context.request_id
             for hook in header_hooks:
@@ -81,7 +80,9 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
 async def prepare(request: web.Request, response: web.StreamResponse) -> None:
     """For handlers that send a response themselves (streams, websocket upgrades): its
     headers as the edge would set them, then prepare."""
-    response.headers[REQUEST_ID_HEADER] = request[REQUEST_LOG_CONTEXT].request_id
+    context = CURRENT_REQUEST.get()
+    if context is not None:
+        response.headers[REQUEST_ID_HEADER] = context.request_id
     for hook in request.app[RESPONSE_HEADERS]:
         hook(request, response)
     await response.prepare(request)

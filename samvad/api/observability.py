@@ -64,7 +64,10 @@ def request_ids() -> Iterator[str]:
 
 
 def request_log_context(
-    headers: CIMultiDictProxy[str], project: str, ids: Iterator[str] | None = None
+    headers: CIMultiDictProxy[str],
+    project: str,
+    ids: Iterator[str] | None = None,
+    route: str = "unmatched",
 ) -> RequestLogContext:
     # Every request passes here: a header that is absent costs one lookup, no regex.
     offered = headers.get(REQUEST_ID_HEADER)
@@ -81,11 +84,8 @@ def request_log_context(
         if cloud_trace is not None:
             trace = parse_cloud_trace(cloud_trace)
     if trace is None:
-        return RequestLogContext(request_id=request_id)
+        return RequestLogContext(request_id, None, None, None, route)
     trace_id, span_id, sampled = trace
     return RequestLogContext(
-        request_id=request_id,
-        trace=f"projects/{project}/traces/{trace_id}",
-        span_id=span_id,
-        sampled=sampled,
+        request_id, f"projects/{project}/traces/{trace_id}", span_id, sampled, route
     )

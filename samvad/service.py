@@ -18,8 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Generic, Literal, TypeVar
 
-from cachetools import LRUCache, TTLCache
-
+from samvad.cache import ReadCache
 from samvad.clock import Clock, MonotonicIds, SystemClock, micros_of, monotonic
 from samvad.config import Settings
 from samvad.errors import (
@@ -209,10 +208,10 @@ class SessionPersistenceService:
         self.interruptions = InterruptionContextManager(settings.interruptions_per_session)
         self.events = EventHub()
         size, ttl = settings.cache_size, settings.cache_ttl
-        self._states: TTLCache[str, UserState | None] = TTLCache(size, ttl)
-        self._profiles: TTLCache[str, Profile | None] = TTLCache(size, ttl)
-        self._sessions: TTLCache[str, SessionRecord | None] = TTLCache(size, ttl)
-        self._views: LRUCache[str, _ViewInputs] = LRUCache(size)
+        self._states: ReadCache[str, UserState | None] = ReadCache(size, ttl)
+        self._profiles: ReadCache[str, Profile | None] = ReadCache(size, ttl)
+        self._sessions: ReadCache[str, SessionRecord | None] = ReadCache(size, ttl)
+        self._views: ReadCache[str, _ViewInputs] = ReadCache(size, ttl)
         self._loads: dict[Hashable, asyncio.Task[Any]] = {}
         # in-flight loads that a change overtook: the version their result must reach to be kept
         self._outdated_loads: dict[tuple[int, str], int] = {}
@@ -355,7 +354,7 @@ class SessionPersistenceService:
         state = await self._live_state(user_id)
         # A view is a pure function of these records, which are immutable: while they are the
         # very objects it was built from, it is still right (and so is its rendered JSON).
-        memo = self._views.get(user_id)
+        memo = self._views.get(user_id, None)
         if (
             memo is not None
             and memo.base is base
@@ -799,9 +798,9 @@ class SessionPersistenceService:
         self.health.record_success()
         return result
 
-    def _cache_hit(self, cache: TTLCache[str, Any], key: str) -> Any:
+    def _cache_hit(self, cache: ReadCache[str, Any], key: str) -> Any:
         """What `cache` holds for `key` (None: known absent), or _MISS. Every cached read passes
-        here: `cache[key]` costs a third of `cache.get`, which takes the TTL timer twice."""
+        here."""
         try:
             value = cache[key]
         except KeyError:
@@ -811,7 +810,7 @@ class SessionPersistenceService:
         return value
 
     async def _load_shared(
-        self, cache: TTLCache[str, Any], key: str, fetch: Callable[[], Awaitable[Any]]
+        self, cache: ReadCache[str, Any], key: str, fetch: Callable[[], Awaitable[Any]]
     ) -> Any:
         """One store read of what `cache` misses, shared by every concurrent caller; cached
         unless a write overtook it."""
@@ -825,7 +824,7 @@ class SessionPersistenceService:
 
     async def _load(
         self,
-        cache: TTLCache[str, Any],
+        cache: ReadCache[str, Any],
         key: str,
         load_key: tuple[int, str],
         fetch: Callable[[], Awaitable[Any]],
@@ -927,7 +926,7 @@ class SessionPersistenceService:
             for change in batch.changes:
                 self.apply_change(change)
 
-    def _outdate_load(self, cache: TTLCache[str, Any], key: str, version: int) -> None:
+    def _outdate_load(self, cache: ReadCache[str, Any], key: str, version: int) -> None:
         """A read of `key` in flight may predate a write of `version` (another instance's, from
         the change feed, or this one's own flush): its result is then not to be cached."""
         load_key = (id(cache), key)
@@ -936,7 +935,7 @@ class SessionPersistenceService:
 
     def apply_change(self, change: Change) -> None:
         """Forget what another writer made stale. Our own writes carry versions we hold."""
-        caches: dict[str, TTLCache[str, Any]] = {
+        caches: dict[str, ReadCache[str, Any]] = {
             "state": self._states,
             "profile": self._profiles,
             "session": self._sessions,

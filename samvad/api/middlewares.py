@@ -43,7 +43,8 @@ def edge(project: str, metrics: Metrics, header_hooks: list[HeaderHook]) -> Midd
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = _route(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
         context = request_log_context(request.headers, project, ids, route)
         # Not reset after the handler: aiohttp runs every request in a task of its own, with
         # its own copy of the context (aiohttp#3406), so this goes with the task. The access
@@ -99,8 +100,3 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     message = _HTTP_ERROR_MESSAGES.get(exc.status, exc.reason.lower())
     return error_response(exc.status, message, headers)
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"

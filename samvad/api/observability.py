@@ -59,8 +59,7 @@ def parse_cloud_trace(value: str) -> tuple[str, str | None, bool | None] | None:
 def request_ids() -> Iterator[str]:
     """Unique ids (a random prefix per app, then a counter), without uuid4's cost per request."""
     prefix = uuid.uuid4().hex[:16]
-    for n in itertools.count(1):
-        yield f"{prefix}{n:016x}"
+    return map(f"{prefix}{{:016x}}".format, itertools.count(1))  # C all the way: no frame
 
 
 def request_log_context(

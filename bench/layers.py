@@ -3,8 +3,8 @@
 For the benchmark only: SAMVAD_BENCH_DROP names what to leave out (comma-separated):
 
 - `edge`: the edge middleware (request context, request id, metrics, JSON errors, and the
-  response headers it sets);
-- `security`: the security-header hook, and the CORS and authentication middlewares.
+  response headers it sets; JSON answers still carry the security headers they are made with);
+- `security`: the CORS and authentication middlewares (installed only when configured).
 
 The access line and the change feed are settings (SAMVAD_ACCESS_LOG, SAMVAD_SYNC_INTERVAL), not
 layers to cut out. Everything else is samvad as `python -m samvad` runs it.
@@ -18,7 +18,6 @@ from typing import Any
 
 from samvad import __main__ as entry
 from samvad import app as app_module
-from samvad.api.keys import RESPONSE_HEADERS
 
 MIDDLEWARES: dict[str, tuple[str, ...]] = {
     "edge": ("edge",),
@@ -41,8 +40,6 @@ def main() -> None:
     def without_layers(*args: Any, **kwargs: Any) -> Any:
         app = create_app(*args, **kwargs)
         app.middlewares[:] = [m for m in app.middlewares if not _name(m).startswith(names)]
-        if "security" in drop:
-            app[RESPONSE_HEADERS].clear()
         return app
 
     entry.create_app = without_layers  # type: ignore[attr-defined]

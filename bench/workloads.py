@@ -325,9 +325,8 @@ LAYER_VARIANTS: dict[str, dict[str, str]] = {
     "samvad": {},
     "with an access line per request": {"access_log": "all"},
     "without the change feed": {"sync_interval": "0"},
-    "without security headers": {"bench_drop": "security"},
     "without the edge middleware": {"bench_drop": "edge"},
-    "without edge, headers and feed": {"bench_drop": "edge,security", "sync_interval": "0"},
+    "without edge and feed": {"bench_drop": "edge", "sync_interval": "0"},
 }
 
 

@@ -10,7 +10,7 @@ from samvad.api.dashboard import setup_dashboard
 from samvad.api.keys import RESPONSE_HEADERS, SERVICE, SETTINGS, HeaderHook
 from samvad.api.lifecycle import lifecycle_routes
 from samvad.api.metrics import Metrics, setup_metrics
-from samvad.api.middlewares import edge
+from samvad.api.middlewares import EDGE, Edge, add_routes
 from samvad.api.openapi import setup_openapi
 from samvad.api.realtime import CLOSE_GOING_AWAY, CONNECTIONS, Connections, realtime_routes
 from samvad.api.routes import RENDERED, RenderedBodies, routes
@@ -38,15 +38,15 @@ def create_app(
 ) -> web.Application:
     metrics = Metrics()
     header_hooks: list[HeaderHook] = []
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[edge(settings.project, metrics, header_hooks)],
-    )
+    # No aiohttp middlewares: the edge wraps each route's handler (samvad/api/middlewares.py).
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[RESPONSE_HEADERS] = header_hooks
     app[SETTINGS] = settings
     app[RENDERED] = RenderedBodies()
-    # Inside the edge middleware; refuses (AuthConfigError) when auth cannot work.
-    install_security(app, settings)
+    # Refuses (AuthConfigError) when auth cannot work.
+    guard = install_security(app, settings)
+    app[EDGE] = edge = Edge(settings.project, metrics, guard, header_hooks)
+    edge.install(app)
 
     async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         service = SessionPersistenceService(store_factory(settings), settings, clock=clock)
@@ -72,7 +72,5 @@ def create_app(
     setup_metrics(app, metrics)
     setup_dashboard(app)
     setup_openapi(app)
-    app.add_routes(routes)
-    app.add_routes(lifecycle_routes)
-    app.add_routes(realtime_routes)
+    add_routes(app, [*routes, *lifecycle_routes, *realtime_routes])
     return app

@@ -1,4 +1,4 @@
-"""Typed domain errors. One middleware (samvad.api.middlewares) maps them to HTTP answers."""
+"""Typed domain errors. The edge (samvad.api.middlewares) maps them to HTTP answers."""
 
 from __future__ import annotations
 

@@ -43,10 +43,10 @@ class RequestLogContext(NamedTuple):  # a tuple: made on every request, cheaper 
         return fields
 
 
-# Set by the edge middleware in the task that handles the request. A ContextVar, not app
-# state: every request runs in a task of its own, and log calls deep in the service (and the
-# access line, written in that task when the response is sent) must find their request's trace
-# without it being passed down.
+# Set by the edge (samvad.api.middlewares) in the task that handles the request. A ContextVar,
+# not app state: every request runs in a task of its own, and log calls deep in the service (and
+# the access line, written in that task when the response is sent) must find their request's
+# trace without it being passed down.
 CURRENT_REQUEST: ContextVar[RequestLogContext | None] = ContextVar(
     "samvad_current_request", default=None
 )

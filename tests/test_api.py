@@ -286,9 +286,13 @@ async def test_api_words_are_never_ids(client: Client) -> None:
             await client.post(f"{API}/create", json={"sessionId": word, "userId": "u1"}), 400
         )
         assert "reserved" in error
-    await failed(await client.delete(f"{API}/stats"), 405)
+    refused = await client.delete(f"{API}/stats")
+    await failed(refused, 405)
+    assert refused.headers["Allow"].split(",") == ["GET", "HEAD"]
     await failed(await client.put(f"{API}/create/end"), 404)
-    await failed(await client.get(f"{API}/refresh"), 405)
+    refused = await client.get(f"{API}/refresh")
+    await failed(refused, 405)
+    assert refused.headers["Allow"] == "POST"
     # ... while a user may well be called "stats" or "user"
     await ok(await client.post(f"{API}/stats/state", json={"a": 1}))
     await ok(await client.post(f"{API}/user/history", json={"role": "user", "content": "x"}))

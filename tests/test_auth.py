@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from samvad.api.keys import SERVICE
+from samvad.api.middlewares import add_routes, served_routes
 from samvad.api.security import POLICIES, TokenBuckets, policy_key
 from samvad.app import create_app
 from samvad.auth import AuthConfigError
@@ -90,7 +91,7 @@ def test_every_route_has_a_policy(settings: Settings) -> None:
     app = create_app(settings)
     missing = sorted(
         f"{route.method} {route.resource.canonical}"
-        for route in app.router.routes()
+        for route in served_routes(app)
         if route.resource is not None and policy_key(route) not in POLICIES
     )
     assert not missing, (
@@ -106,7 +107,7 @@ async def test_a_route_missing_from_the_table_answers_admins_only(
     async def added(request: web.Request) -> web.Response:
         return web.json_response({"success": True})
 
-    app.router.add_get("/api/added-without-a-policy", added)
+    add_routes(app, [web.get("/api/added-without-a-policy", added)])
     client = await aiohttp_client(app)
     response = await client.get("/api/added-without-a-policy", headers=bearer(AGENT_KEY))
     assert response.status == 403
@@ -114,6 +115,20 @@ async def test_a_route_missing_from_the_table_answers_admins_only(
     assert response.status == 403
     response = await client.get("/api/added-without-a-policy", headers=bearer(ADMIN_KEY))
     assert response.status == 200
+
+
+async def test_a_route_registered_around_the_edge_keeps_the_app_from_starting(
+    aiohttp_client: Callable[..., Any], secured: Callable[..., Settings]
+) -> None:
+    # Such a route would answer without authentication, request id, metrics or JSON errors.
+    app = create_app(secured())
+
+    async def unguarded(request: web.Request) -> web.Response:
+        return web.json_response({"success": True})
+
+    app.router.add_get("/api/around-the-edge", unguarded)
+    with pytest.raises(RuntimeError, match=r"around the edge.*GET /api/around-the-edge"):
+        await aiohttp_client(app)
 
 
 # ---- every role against every endpoint ---------------------------------------------------------
@@ -168,7 +183,7 @@ CREDENTIALS: dict[str, dict[str, str]] = {
 
 def test_the_role_table_covers_every_route(settings: Settings) -> None:
     covered = {(method, _template(path)) for method, path, _, _ in ENDPOINTS} | {("GET", "/ws")}
-    routes = {policy_key(route) for route in create_app(settings).router.routes()}
+    routes = {policy_key(route) for route in served_routes(create_app(settings))}
     assert routes - covered == set(), "add the new route to ENDPOINTS"
 
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from samvad.api.middlewares import add_routes
 from samvad.api.observability import parse_cloud_trace, parse_traceparent
 from samvad.app import create_app
 from samvad.config import Settings
@@ -69,8 +70,7 @@ async def serve(
         await asyncio.sleep(0.3)
         return web.json_response({"ok": True})
 
-    app.router.add_get("/test/log-inside", logs_inside)
-    app.router.add_get("/test/slow", slow)
+    add_routes(app, [web.get("/test/log-inside", logs_inside), web.get("/test/slow", slow)])
     test_server = TestServer(app)
     # the access logger `python -m samvad` runs with (aiohttp's own is the test default)
     await test_server.start_server(access_log_class=access_log_class)

@@ -8,6 +8,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from samvad.api.middlewares import add_routes
+
 # The page may run only its own inline script and talk only to this origin.
 _CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -36,4 +38,4 @@ def setup_dashboard(app: web.Application) -> None:
             },
         )
 
-    app.router.add_get("/dashboard", dashboard)
+    add_routes(app, [web.get("/dashboard", dashboard)])

@@ -12,8 +12,8 @@ from samvad.service import SessionPersistenceService
 SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", SessionPersistenceService)
 
-# Sets headers on a response before it goes out (security headers, CORS): the edge middleware
-# runs them on every answer it returns; handlers that prepare a response themselves (streams,
-# websockets) through samvad.api.middlewares.prepare.
+# Sets headers on a response before it goes out (security headers, CORS): the edge runs them on
+# every answer it returns; handlers that prepare a response themselves (streams, websockets)
+# through samvad.api.middlewares.prepare.
 HeaderHook = Callable[[web.Request, web.StreamResponse], None]
 RESPONSE_HEADERS: web.AppKey[list[HeaderHook]] = web.AppKey("response_headers")

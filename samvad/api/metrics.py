@@ -24,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from samvad.api.keys import SERVICE
+from samvad.api.middlewares import add_routes
 from samvad.api.realtime import CONNECTIONS
 from samvad.api.routes import backlog_out, render
 from samvad.models import BacklogOut, Ok, WireModel
@@ -243,7 +244,7 @@ async def metrics_summary(request: web.Request) -> web.Response:
 
 def setup_metrics(app: web.Application, metrics: Metrics) -> None:
     """Call after the service's cleanup context is registered: the flush hook needs it.
-    Requests are observed by the edge middleware (samvad/api/middlewares.py)."""
+    Requests are observed by the edge (samvad/api/middlewares.py)."""
     app[METRICS] = metrics
     metrics.registry.register(ServiceCollector(app))
 
@@ -252,5 +253,6 @@ def setup_metrics(app: web.Application, metrics: Metrics) -> None:
         yield
 
     app.cleanup_ctx.append(flush_hook)
-    app.router.add_get("/metrics", metrics_text)
-    app.router.add_get("/api/metrics/summary", metrics_summary)
+    add_routes(
+        app, [web.get("/metrics", metrics_text), web.get("/api/metrics/summary", metrics_summary)]
+    )

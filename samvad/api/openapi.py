@@ -20,6 +20,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from samvad import models as m
 from samvad.api.metrics import MetricsSummaryResponse
+from samvad.api.middlewares import add_routes
 from samvad.api.security import POLICIES, UNLISTED, Policy
 from samvad.ids import MAX_ID_BYTES, RESERVED_SESSION_IDS
 from samvad.realtime_models import InterruptionIn, InterruptionList, InterruptionPushed
@@ -457,4 +458,4 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def setup_openapi(app: web.Application) -> None:
     app[OPENAPI] = _Document()
-    app.router.add_get("/api/openapi.json", openapi_json)
+    add_routes(app, [web.get("/api/openapi.json", openapi_json)])

@@ -3,7 +3,7 @@
 A JSON answer is made with all of its headers at once, from one prebuilt set (a copy in C),
 rather than a header at a time after its handler returned (every request's cost). Other
 responses (aiohttp's own errors, the dashboard, streams, websocket upgrades) get the security
-headers from the edge middleware (`samvad.api.security.security_headers`).
+headers from the edge (`samvad.api.security.security_headers`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Who may call what: authentication, per-user scoping, rate limits, CORS and security headers.
 
-`install_security(app, settings)` adds, inside the edge middleware, a CORS preflight middleware
-and the authentication middleware, and a response hook that sets the security headers (and the
-CORS headers) on every response, websocket upgrades and error answers included.
+`install_security(app, settings)` makes the app's `Guard`, which the edge
+(samvad/api/middlewares.py) asks about every request before its route's handler runs
+(authentication, ownership, rate limits) and about CORS preflights; and it adds a response hook
+that sets the security headers (and the CORS headers) on every response, websocket upgrades and
+error answers included.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler
 from cachetools import TTLCache
 
 from samvad.api.keys import RESPONSE_HEADERS, SERVICE, HeaderHook
@@ -112,10 +113,6 @@ def policy_key(route: web.AbstractRoute) -> tuple[str, str]:
     return method, route.resource.canonical if route.resource is not None else ""
 
 
-def route_policy(route: web.AbstractRoute) -> Policy:
-    return POLICIES.get(policy_key(route), UNLISTED)
-
-
 # ---- rate limits --------------------------------------------------------------------------------
 
 
@@ -176,6 +173,9 @@ def rate_limits(settings: Settings) -> dict[Limit, TokenBuckets]:
 
 @dataclass
 class Guard:
+    """The app's authentication, rate limits and CORS origins; the edge
+    (samvad/api/middlewares.py) asks it about every request."""
+
     authenticator: Authenticator | None  # None: SAMVAD_AUTH=none
     limits: dict[Limit, TokenBuckets]
     cors_origins: frozenset[str]
@@ -187,6 +187,63 @@ class Guard:
         wait = buckets.take(principal.key)
         if wait > 0:
             raise RateLimited(wait)
+
+    async def authorize(self, request: web.Request, policy: Policy) -> web.Response | None:
+        """None if the request may go on to its handler (its principal is then on the request,
+        `principal_of`); else the answer that refuses it. Only for a policy that is not
+        public, with authentication on."""
+        assert self.authenticator is not None
+        token = _bearer(request, policy)
+        if not token:
+            return _unauthorized(None if token is None else "empty token")
+        try:
+            principal = await self.authenticator.authenticate(token)
+        except InvalidToken as exc:
+            return _unauthorized(exc.reason)
+        except VerifierUnavailable:
+            return error_response(
+                503, "cannot verify tokens right now; retry shortly", {hdrs.RETRY_AFTER: "5"}
+            )
+        if principal.role not in policy.roles:
+            return _forbidden(f"a {principal.role} credential may not call this")
+        if principal.role == "user" and policy.owner is not None:
+            owner = await _owner_of(request, policy.owner)
+            if owner != principal.user_id:
+                if policy.owner == "session":
+                    # Exactly the answer of an unknown session: ids of others cannot be probed.
+                    raise NotFound("no such session")
+                return _forbidden("this token may only reach its own user's data")
+        if policy.limit is not None:
+            try:
+                self.take(principal, policy.limit)
+            except RateLimited as exc:
+                retry = str(max(1, math.ceil(exc.retry_after)))
+                return error_response(429, exc.message, {hdrs.RETRY_AFTER: retry})
+        request[PRINCIPAL] = principal
+        return None
+
+    def preflight(self, request: web.Request, allowed: set[str]) -> web.Response | None:
+        """The answer to a CORS preflight for a path whose routes take `allowed` methods; None
+        if the request is not one (or CORS is off)."""
+        if (
+            request.method != hdrs.METH_OPTIONS
+            or not self.cors_origins
+            or hdrs.ACCESS_CONTROL_REQUEST_METHOD not in request.headers
+            or hdrs.ORIGIN not in request.headers
+        ):
+            return None
+        if request.headers[hdrs.ORIGIN] not in self.cors_origins:
+            return error_response(403, "origin not allowed")
+        if not allowed:
+            return None  # an unknown path: 404
+        return web.Response(
+            status=204,
+            headers={
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: ", ".join(sorted(allowed)),
+                hdrs.ACCESS_CONTROL_ALLOW_HEADERS: CORS_ALLOW_HEADERS,
+                hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
+            },
+        )
 
 
 GUARD = web.AppKey("guard", Guard)
@@ -206,7 +263,7 @@ def take_rate(request: web.Request, limit: Limit) -> None:
         request.app[GUARD].take(principal, limit)
 
 
-# ---- the middlewares ----------------------------------------------------------------------------
+# ---- answers ----------------------------------------------------------------------------
 
 REALM = 'Bearer realm="samvad"'
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Samvad-Durable"
@@ -266,69 +323,6 @@ async def _owner_of(request: web.Request, owner: Owner) -> str | None:
     return record.user_id
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.match_info.http_exception is not None:
-        return await handler(request)  # 404 or 405: nothing here to protect
-    guard = request.app[GUARD]
-    policy = route_policy(request.match_info.route)
-    if policy.public or guard.authenticator is None:
-        return await handler(request)
-    token = _bearer(request, policy)
-    if not token:
-        return _unauthorized(None if token is None else "empty token")
-    try:
-        principal = await guard.authenticator.authenticate(token)
-    except InvalidToken as exc:
-        return _unauthorized(exc.reason)
-    except VerifierUnavailable:
-        return error_response(
-            503, "cannot verify tokens right now; retry shortly", {hdrs.RETRY_AFTER: "5"}
-        )
-    if principal.role not in policy.roles:
-        return _forbidden(f"a {principal.role} credential may not call this")
-    if principal.role == "user" and policy.owner is not None:
-        owner = await _owner_of(request, policy.owner)
-        if owner != principal.user_id:
-            if policy.owner == "session":
-                # Exactly the answer of an unknown session: ids of others cannot be probed.
-                raise NotFound("no such session")
-            return _forbidden("this token may only reach its own user's data")
-    if policy.limit is not None:
-        try:
-            guard.take(principal, policy.limit)
-        except RateLimited as exc:
-            retry = str(max(1, math.ceil(exc.retry_after)))
-            return error_response(429, exc.message, {hdrs.RETRY_AFTER: retry})
-    request[PRINCIPAL] = principal
-    return await handler(request)
-
-
-@web.middleware
-async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    guard = request.app[GUARD]
-    if (
-        request.method != hdrs.METH_OPTIONS
-        or not guard.cors_origins
-        or hdrs.ACCESS_CONTROL_REQUEST_METHOD not in request.headers
-        or hdrs.ORIGIN not in request.headers
-    ):
-        return await handler(request)
-    if request.headers[hdrs.ORIGIN] not in guard.cors_origins:
-        return error_response(403, "origin not allowed")
-    denied = request.match_info.http_exception
-    if not isinstance(denied, web.HTTPMethodNotAllowed):
-        return await handler(request)  # an unknown path (404), or a route of its own
-    return web.Response(
-        status=204,
-        headers={
-            hdrs.ACCESS_CONTROL_ALLOW_METHODS: ", ".join(sorted(denied.allowed_methods)),
-            hdrs.ACCESS_CONTROL_ALLOW_HEADERS: CORS_ALLOW_HEADERS,
-            hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
-        },
-    )
-
-
 def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Before a response's headers go out: what its handler set itself stays (setdefault)."""
     if isinstance(response, JsonResponse):
@@ -372,18 +366,13 @@ def parse_origins(value: str | None) -> frozenset[str]:
     return frozenset(origins)
 
 
-def install_security(app: web.Application, settings: Settings) -> None:
-    """Call in the app factory after the edge middleware is in place; raises AuthConfigError
-    when authentication is required and cannot work (the server must then not start)."""
+def install_security(app: web.Application, settings: Settings) -> Guard:
+    """The app's Guard, for the edge, and its response hooks; raises AuthConfigError when
+    authentication is required and cannot work (the server must then not start)."""
     guard = Guard(
         build_authenticator(settings), rate_limits(settings), parse_origins(settings.cors_origins)
     )
     app[GUARD] = guard
-    # Each middleware or hook costs every request: install only those that can act.
-    if guard.cors_origins:
-        app.middlewares.append(cors_preflight)
-    if guard.authenticator is not None:  # with SAMVAD_AUTH=none it would only pass through
-        app.middlewares.append(authenticate)
     app[RESPONSE_HEADERS].append(security_headers)
     if guard.cors_origins:
         app[RESPONSE_HEADERS].append(cors_headers(guard.cors_origins))
@@ -393,18 +382,9 @@ def install_security(app: web.Application, settings: Settings) -> None:
             log.warning(
                 "SAMVAD_AUTH=none: authentication is OFF; anyone can read and wipe any user"
             )
-        unlisted = sorted(
-            f"{route.method} {route.resource.canonical}"
-            for route in app.router.routes()
-            if route.resource is not None and policy_key(route) not in POLICIES
-        )
-        if unlisted:
-            log.warning(
-                "routes without a policy answer admins only",
-                extra={"json_fields": {"routes": unlisted}},
-            )
         yield
         if guard.authenticator is not None:
             await guard.authenticator.close()
 
     app.cleanup_ctx.append(lifetime)
+    return guard

@@ -215,8 +215,8 @@ def section_goals(w: dict[str, Any]) -> list[str]:
         if bare and top:
             summary += (
                 " What is left of the difference is in what every request of a production "
-                "service pays and the ceiling does not: with the edge middleware (request id, "
-                "trace, metrics, JSON errors) and the change feed taken "
+                "service pays and the ceiling does not: with the edge (request id, trace, "
+                "metrics, JSON errors) and the change feed taken "
                 f'out, samvad reached {num(bare / top, 2)} of the ceiling ("Where a cached '
                 "GET's time goes\")."
             )
@@ -367,12 +367,12 @@ def section_layers(w: dict[str, Any]) -> list[str]:
         "The variants: an access line for every request (`SAMVAD_ACCESS_LOG=all`; the default "
         "writes lines for 4xx, 5xx and slow requests only, as Cloud Run already logs every "
         "request); the change feed off (`SAMVAD_SYNC_INTERVAL=0`: five Firestore queries a "
-        "second, whatever the load); the edge middleware out (samvad/api/middlewares.py: "
-        "request id and trace for the logs, the latency histogram, JSON error answers; a JSON "
-        "answer still carries the security headers it is made with); and the last two "
-        "together. Authentication and CORS are off here, and with them off their middlewares "
-        "are not installed. Without the edge, errors would be aiohttp's text pages: the "
-        "variant exists to measure, not to run.",
+        "second, whatever the load); the edge out (samvad/api/middlewares.py, the wrapper "
+        "around every route's handler: request id and trace for the logs, the latency "
+        "histogram, JSON error answers; a JSON answer still carries the security headers it is "
+        "made with); and the last two together. Authentication and CORS are off here "
+        "(`SAMVAD_AUTH=none`): the edge checks no credential. Without the edge, errors would be "
+        "aiohttp's text pages: the variant exists to measure, not to run.",
         "",
     ]
     return lines
@@ -800,54 +800,70 @@ def _before_after(w: dict[str, Any], before: dict[str, Any]) -> list[str]:
     return lines
 
 
-ROUND_CHANGES = (
-    "**JSON answers made with their security headers**: one copy of a prebuilt header set "
-    "(samvad/api/responses.py `json_response`) instead of seven lookups per response after the "
-    "handler returned; the edge adds them only to other responses.",
-    "**The request's log context left in its task**: aiohttp runs every request in a task of "
-    "its own, so the edge sets the context and never resets it, and the access line reads it "
-    "there (with the route, found once per request for the metrics and the line). Request ids "
-    "come from a counter without a Python frame.",
-    "**A read cache whose hit is one dict lookup** (samvad/cache.py `ReadCache`) in place of "
-    "cachetools' TTLCache for the service's state, profile, session and view caches: a TTLCache "
-    "hit is four Python calls. A cached read no longer starts a coroutine or builds a lambda, "
-    "and retention is compared in microseconds precomputed per kind.",
-)
-
-PREVIOUS_ROUND_CHANGES = (
-    "**Access lines only where they are read**: `SAMVAD_ACCESS_LOG=errors` (the default) "
-    "writes the line for 4xx and 5xx answers and for requests slower than "
-    "`SAMVAD_SLOW_REQUEST`; Cloud Run's request log has every request already. `all` and "
-    "`off` remain; `make run` uses `all`.",
-    "**One edge middleware** instead of three middlewares and two response signals "
-    "(samvad/api/middlewares.py): request context, latency, JSON errors and the response "
-    "headers in one frame. Security headers no longer parse `Content-Type` per response.",
-    "**A latency histogram without locks** (samvad/api/metrics.py `RequestLatency`): "
-    "prometheus_client's `Histogram` takes a lock and walks its buckets per observation.",
-    "**Rendered bodies kept with their records** (samvad/api/routes.py `RenderedBodies`): "
-    "a cached GET state or profile answers with the bytes rendered for the very record the "
-    "service holds; the body goes with the record (a weak reference), a wiped user's "
-    "included. Profile views are reused while their records are (samvad/service.py).",
-    "**Messages stored as JSON text** (`tailJson`, `messagesJson`; samvad/store/firestore.py), "
-    "not as arrays of Firestore maps: the micro table below has the encoding cost of both. "
-    "Old documents are still read. The tail's trim is linear.",
-    "**Appends counted, not recounted**, in the write-behind's byte bound; message sizes "
-    "computed once; timestamps formatted without building datetimes; wall-clock "
-    "microseconds without a datetime; the id check in one regex scan.",
+# What each round of hot-path work changed, newest first; the round before these is in
+# bench/results/experiments.json, with its before/after timings.
+CHANGES_BY_ROUND: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "What was changed in this round",
+        (
+            "**The edge wraps each route's handler** (samvad/api/middlewares.py `Edge`) instead "
+            "of sitting in aiohttp's middleware chain: with any middleware installed, aiohttp "
+            "builds every request's handler from cached partials and adds a middleware of its own "
+            "(`_fix_request_current_app`, a coroutine frame per request). Authentication moved "
+            "into the same wrapper (`Guard.authorize`, the route's policy found once, when the "
+            "route is registered); a catch-all route, the router's last resort, answers 404, 405 "
+            "(with `Allow`) and CORS preflights; and an app with a route registered around the "
+            "edge refuses to start.",
+        ),
+    ),
+    (
+        "The round before",
+        (
+            "**JSON answers made with their security headers**: one copy of a prebuilt header set "
+            "(samvad/api/responses.py `json_response`) instead of seven lookups per response "
+            "after the handler returned; the edge adds them only to other responses.",
+            "**The request's log context left in its task**: aiohttp runs every request in a task "
+            "of its own, so the edge sets the context and never resets it, and the access line "
+            "reads it there (with the route, found once per request for the metrics and the "
+            "line). Request ids come from a counter without a Python frame.",
+            "**A read cache whose hit is one dict lookup** (samvad/cache.py `ReadCache`) in place "
+            "of cachetools' TTLCache for the service's state, profile, session and view caches: a "
+            "TTLCache hit is four Python calls. A cached read no longer starts a coroutine or "
+            "builds a lambda, and retention is compared in microseconds precomputed per kind.",
+        ),
+    ),
+    (
+        "Two rounds before",
+        (
+            "**Access lines only where they are read**: `SAMVAD_ACCESS_LOG=errors` (the default) "
+            "writes the line for 4xx and 5xx answers and for requests slower than "
+            "`SAMVAD_SLOW_REQUEST`; Cloud Run's request log has every request already. `all` and "
+            "`off` remain; `make run` uses `all`.",
+            "**One edge middleware** instead of three middlewares and two response signals "
+            "(samvad/api/middlewares.py): request context, latency, JSON errors and the response "
+            "headers in one frame. Security headers no longer parse `Content-Type` per response.",
+            "**A latency histogram without locks** (samvad/api/metrics.py `RequestLatency`): "
+            "prometheus_client's `Histogram` takes a lock and walks its buckets per observation.",
+            "**Rendered bodies kept with their records** (samvad/api/routes.py `RenderedBodies`): "
+            "a cached GET state or profile answers with the bytes rendered for the very record "
+            "the service holds; the body goes with the record (a weak reference), a wiped user's "
+            "included. Profile views are reused while their records are (samvad/service.py).",
+            "**Messages stored as JSON text** (`tailJson`, `messagesJson`; "
+            "samvad/store/firestore.py), not as arrays of Firestore maps: the micro table below "
+            "has the encoding cost of both. Old documents are still read. The tail's trim is "
+            "linear.",
+            "**Appends counted, not recounted**, in the write-behind's byte bound; message sizes "
+            "computed once; timestamps formatted without building datetimes; wall-clock "
+            "microseconds without a datetime; the id check in one regex scan.",
+        ),
+    ),
 )
 
 
 def section_changes(experiments: dict[str, Any] | None) -> list[str]:
-    lines = [
-        "### What was changed in this round",
-        "",
-        *[f"- {change}" for change in ROUND_CHANGES],
-        "",
-        "### The round before",
-        "",
-        *[f"- {change}" for change in PREVIOUS_ROUND_CHANGES],
-        "",
-    ]
+    lines = []
+    for title, changes in CHANGES_BY_ROUND:
+        lines += [f"### {title}", "", *[f"- {change}" for change in changes], ""]
     if not experiments:
         return lines
     us = experiments["us_per_call"]
@@ -858,7 +874,7 @@ def section_changes(experiments: dict[str, Any] | None) -> list[str]:
     ]
     return [
         *lines,
-        "### Two rounds before",
+        "### Three rounds before",
         "",
         *[f"- {c}" for c in experiments["changes"]],
         "",
@@ -942,18 +958,13 @@ def section_suggestions(w: dict[str, Any]) -> list[str]:
     if saved:
         items.append(
             "**What a cached GET still pays that the ceiling does not** (the layer table): the "
-            f"edge middleware {cost('without the edge middleware')} (a middleware frame and "
-            "aiohttp's own wrapper around it, the request id and trace context, the histogram, "
-            "the error mapping) and the change feed "
+            f"edge {cost('without the edge')} (the request id and trace context, the histogram, "
+            "the error mapping, one coroutine frame) and the change feed "
             f"{cost('without the change feed')} (a fixed five queries a second, spread over the "
             "requests of that second). Each is something the service must do (request ids and "
-            "traces in the logs, metrics, JSON errors, freshness across instances). Part of the "
-            "edge's cost is aiohttp's middleware machinery itself: any middleware brings "
-            "aiohttp's own `_fix_request_current_app` wrapper, a cached-partial lookup and two "
-            "coroutine frames. Wrapping each route's handler when the app is built instead "
-            "(the authentication step with it, and a last catch-all route for 404, 405 and "
-            "CORS preflights) would avoid it; it has to keep the guarantee that no route "
-            "escapes the edge, which a middleware gives for free."
+            "traces in the logs, metrics, JSON errors, freshness across instances). A listener "
+            "(`on_snapshot`) in place of the polls would move the feed's cost from a fixed rate "
+            "to one per change delivered."
         )
     cold = w.get("cold", {})
     if "direct_two_gets_at_once" in cold:

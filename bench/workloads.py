@@ -325,7 +325,7 @@ LAYER_VARIANTS: dict[str, dict[str, str]] = {
     "samvad": {},
     "with an access line per request": {"access_log": "all"},
     "without the change feed": {"sync_interval": "0"},
-    "without the edge middleware": {"bench_drop": "edge"},
+    "without the edge": {"bench_drop": "edge"},
     "without edge and feed": {"bench_drop": "edge", "sync_interval": "0"},
 }
 

@@ -420,7 +420,7 @@ def section_cold(w: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"A cold GET state costs the emulator's round trip plus {num(extra, 2)} ms at the median "
-        "(HTTP, routing, middlewares, the cache fill). A cold profile reads its two documents "
+        "(HTTP, routing, the edge, the cache fill). A cold profile reads its two documents "
         "one after the other (`get_user_profile`, then `_preferences` → `get_user_state`), so it "
         "costs about two round trips.",
         "",

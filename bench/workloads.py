@@ -1178,7 +1178,7 @@ async def request_pieces(number: int) -> dict[str, Any]:
         root.setLevel(logging.INFO)
         access = logs.AccessLogger(logging.getLogger("aiohttp.access"), "")
         context = logs.RequestLogContext(request_id=uuid.uuid4().hex)
-        token = logs.CURRENT_REQUEST.set(context)  # as the edge middleware sets it
+        token = logs.CURRENT_REQUEST.set(context)  # as the edge sets it
         try:
             access_line = _best_us(lambda: access.log(request, response, 0.0012), number)
         finally:

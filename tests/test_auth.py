@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def test_every_route_has_a_policy(settings: Settings) -> None:
 
 
 async def test_a_route_missing_from_the_table_answers_admins_only(
-    aiohttp_client: Callable[..., Any], secured: Callable[..., Settings]
+    aiohttp_client: Callable[..., Any],
+    secured: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = create_app(secured())
 
@@ -108,7 +111,10 @@ async def test_a_route_missing_from_the_table_answers_admins_only(
         return web.json_response({"success": True})
 
     add_routes(app, [web.get("/api/added-without-a-policy", added)])
-    client = await aiohttp_client(app)
+    with caplog.at_level(logging.WARNING, logger="samvad"):
+        client = await aiohttp_client(app)
+    warned = [r for r in caplog.records if "without a policy" in r.getMessage()]
+    assert [r.json_fields["routes"] for r in warned] == [["GET /api/added-without-a-policy"]]  # type: ignore[attr-defined]
     response = await client.get("/api/added-without-a-policy", headers=bearer(AGENT_KEY))
     assert response.status == 403
     response = await client.get("/api/added-without-a-policy", headers=bearer(user_token()))

@@ -117,15 +117,16 @@ def section_run(doc: dict[str, Any]) -> list[str]:
         "on the same machine. It is far slower than Firestore for transactions and it shares the "
         "two cores, so everything that waits on it is pessimistic here.",
     ]
-    later = {
-        name: info
-        for name, info in doc.get("runs", {}).items()
-        if info.get("date") != run.get("date")
-    }
-    for name, info in sorted(later.items()):
+    later: dict[str, list[str]] = {}  # a later run's date -> the workloads it gave
+    infos = doc.get("runs", {})
+    for name, info in infos.items():
+        if info.get("date") != run.get("date"):
+            later.setdefault(info.get("date"), []).append(name)
+    for date, names in sorted(later.items()):
+        info = infos[names[0]]
         lines.append(
-            f"- **{name}** comes from a later run: {info.get('date')}, `{info.get('command')}`, "
-            "load average before "
+            f"- **{', '.join(names)}** from a later run: {date}, commit "
+            f"`{str(info.get('commit'))[:12]}`, `{info.get('command')}`, load average before "
             + ", ".join(num(x, 2) for x in info.get("load_average_before", []))
         )
     return [*lines, ""]

@@ -335,23 +335,32 @@ class SessionPersistenceService:
         check_id("userId", user_id)
         pending: tuple[Message, ...] = self.writer.pending(("history", user_id)) or ()
         partial = False
+        state_read: asyncio.Task[UserState | None] | None = None
         try:
             base: Profile | None = self._cache_hit(self._profiles, user_id)
             if base is _MISS:
-                base = await self._load_shared(
-                    self._profiles,
-                    user_id,
-                    lambda: self.store.get_profile(user_id, self.settings.history_cap),
-                )
-        except StoreUnavailable:
-            if not pending:
-                raise
-            base, partial = None, True
-        if base is not None and self._expired("profile", base.updated_us):
-            base = None
-        if base is None and not pending:
-            raise NotFound("no profile for this user")
-        state = await self._live_state(user_id)
+                # The view needs the state as well: a cold profile reads both documents at once
+                # (one round trip to Firestore, not two).
+                state_read = asyncio.get_running_loop().create_task(self._live_state(user_id))
+                try:
+                    base = await self._load_shared(
+                        self._profiles,
+                        user_id,
+                        lambda: self.store.get_profile(user_id, self.settings.history_cap),
+                    )
+                except StoreUnavailable:
+                    if not pending:
+                        raise
+                    base, partial = None, True
+            if base is not None and self._expired("profile", base.updated_us):
+                base = None
+            if base is None and not pending:
+                raise NotFound("no profile for this user")
+        except BaseException:
+            if state_read is not None:
+                state_read.cancel()  # the answer is an error: no view needs the state
+            raise
+        state = await (state_read if state_read is not None else self._live_state(user_id))
         # A view is a pure function of these records, which are immutable: while they are the
         # very objects it was built from, it is still right (and so is its rendered JSON).
         memo = self._views.get(user_id, None)

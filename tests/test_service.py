@@ -104,6 +104,33 @@ async def test_a_flush_of_this_instance_that_overtakes_a_cold_read_is_not_cached
         await service.close()
 
 
+class OneAtATimeUnlessConcurrent(MemoryStore):
+    """A profile read that answers only once a state read has started: a service that reads
+    the two one after the other never gets its profile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state_read_started = asyncio.Event()
+
+    async def get_state(self, user_id: str) -> UserState | None:
+        self.state_read_started.set()
+        return await super().get_state(user_id)
+
+    async def get_profile(self, user_id: str, cap: int) -> Profile | None:
+        await self.state_read_started.wait()
+        return await super().get_profile(user_id, cap)
+
+
+async def test_a_cold_profile_reads_its_state_at_the_same_time() -> None:
+    store = OneAtATimeUnlessConcurrent()
+    await store.put_state(UserState("u1", {"language": "hi"}, updated_us=now()))
+    await store.append_messages("u1", [Message("m1", "user", "namaste", now())], cap=100)
+    service = SessionPersistenceService(store, Settings(auth="none", sync_interval=0))
+    view = await asyncio.wait_for(service.get_user_profile("u1"), 5)
+    assert [m.content for m in view.messages] == ["namaste"]
+    assert view.preferences == {"language": "hi"}
+
+
 def test_iso_us_is_iso_of_the_datetime() -> None:
     rng = random.Random(7)
     stamps = [0, 999, 1_000_000, 1795323244645693, 4102444799999999]

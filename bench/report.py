@@ -421,9 +421,9 @@ def section_cold(w: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"A cold GET state costs the emulator's round trip plus {num(extra, 2)} ms at the median "
-        "(HTTP, routing, the edge, the cache fill). A cold profile reads its two documents "
-        "one after the other (`get_user_profile`, then `_preferences` → `get_user_state`), so it "
-        "costs about two round trips.",
+        "(HTTP, routing, the edge, the cache fill). A cold profile reads its two documents at "
+        "once (`get_user_profile` starts the state read before it awaits the profile), so it "
+        "compares with the two gets at once.",
         "",
     ]
     return lines
@@ -815,6 +815,8 @@ CHANGES_BY_ROUND: tuple[tuple[str, tuple[str, ...]], ...] = (
             "route is registered); a catch-all route, the router's last resort, answers 404, 405 "
             "(with `Allow`) and CORS preflights; and an app with a route registered around the "
             "edge refuses to start.",
+            "**A cold profile reads its two documents at once**: `get_user_profile` starts the "
+            "state read (for the preferences) before it awaits the profile, instead of after.",
         ),
     ),
     (
@@ -966,15 +968,6 @@ def section_suggestions(w: dict[str, Any]) -> list[str]:
             "traces in the logs, metrics, JSON errors, freshness across instances). A listener "
             "(`on_snapshot`) in place of the polls would move the feed's cost from a fixed rate "
             "to one per change delivered."
-        )
-    cold = w.get("cold", {})
-    if "direct_two_gets_at_once" in cold:
-        items.append(
-            "**A cold profile reads its two documents one after the other** "
-            "(samvad/service.py `get_user_profile` awaits the profile, then `_preferences` "
-            "awaits `get_user_state`). Started together (`asyncio.gather`), the emulator answers "
-            f"both in {num(cold['direct_two_gets_at_once']['p50_ms'], 2)} ms at the median "
-            f"instead of {num(cold['direct_two_gets']['p50_ms'], 2)} ms."
         )
     paced = dig(w, "voice", "samvad", "paced")
     if paced:

@@ -113,6 +113,7 @@ class Edge:
         return at_edge
 
     def routes(self, definitions: Iterable[web.AbstractRouteDef]) -> list[web.RouteDef]:
+        """The same route definitions, each handler behind the edge."""
         wrapped = []
         for definition in definitions:
             if not isinstance(definition, web.RouteDef):

@@ -263,7 +263,7 @@ def take_rate(request: web.Request, limit: Limit) -> None:
         request.app[GUARD].take(principal, limit)
 
 
-# ---- answers ----------------------------------------------------------------------------
+# ---- answers -------------------------------------------------------------------------------------
 
 REALM = 'Bearer realm="samvad"'
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Samvad-Durable"

@@ -22,6 +22,10 @@ _SEVERITY = {
 }
 
 
+# The route of a request no route served (404, 405, a CORS preflight), in metrics and logs.
+UNMATCHED = "unmatched"
+
+
 class RequestLogContext(NamedTuple):  # a tuple: made on every request, cheaper than a dataclass
     """What ties a log line to its request in Cloud Logging: the trace and a request id (and,
     for the access line, the route template the request matched)."""
@@ -30,7 +34,7 @@ class RequestLogContext(NamedTuple):  # a tuple: made on every request, cheaper 
     trace: str | None = None  # projects/<project>/traces/<trace id>
     span_id: str | None = None  # 16 hex digits
     sampled: bool | None = None
-    route: str = "unmatched"
+    route: str = UNMATCHED
 
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"requestId": self.request_id}
@@ -124,7 +128,7 @@ class AccessLogger(AbstractAccessLogger):
         fields: dict[str, Any] = {}
         # None for a request aiohttp could not parse: it answered 400 without routing it.
         context = CURRENT_REQUEST.get()
-        route = "unmatched"
+        route = UNMATCHED
         if context is not None:
             fields.update(context.fields())
             route = context.route

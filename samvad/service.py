@@ -388,8 +388,7 @@ class SessionPersistenceService:
         partial: bool,
     ) -> ProfileView:
         stored = base.messages if base else ()
-        silence = int(self.retention.profile * 1_000_000)
-        kept = after_last_silence((*stored, *pending), silence)
+        kept = after_last_silence((*stored, *pending), self._retention_us["profile"])
         if base is not None and kept and kept[0].at_us > base.updated_us:
             base = None  # everything stored came before the silence
         pending = tuple(m for m in pending if not kept or m.id >= kept[0].id)

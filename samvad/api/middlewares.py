@@ -24,9 +24,9 @@ from aiohttp.typedefs import Handler
 from samvad.api.keys import RESPONSE_HEADERS, HeaderHook
 from samvad.api.observability import REQUEST_ID_HEADER, request_ids, request_log_context
 from samvad.api.responses import error_response
-from samvad.api.security import POLICIES, PUBLIC, UNLISTED, Guard, Policy
+from samvad.api.security import POLICIES, PUBLIC, UNLISTED, Guard, Policy, table_key
 from samvad.errors import BacklogFull, SamvadError, ShuttingDown, StoreUnavailable
-from samvad.logs import CURRENT_REQUEST
+from samvad.logs import CURRENT_REQUEST, UNMATCHED
 
 if TYPE_CHECKING:
     from samvad.api.metrics import Metrics
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 _HTTP_ERROR_MESSAGES = {404: "not found", 405: "method not allowed", 413: "request body too large"}
 # Status of a request whose client went away before it was answered (nginx's convention).
 CLIENT_CLOSED = 499
-# The route label of requests no route serves, and the name of the catch-all that answers them.
-UNMATCHED = "unmatched"
 
 
 class Edge:
@@ -71,7 +69,7 @@ class Edge:
         project, ids, observe, hooks = self._project, self._ids, self._observe, self._header_hooks
         guard = self._guard
         if policy is None:
-            policy = POLICIES.get(("GET" if method == "HEAD" else method, route))
+            policy = POLICIES.get(table_key(method, route))
             if policy is None:
                 self._unlisted.append(f"{method} {route}")
                 policy = UNLISTED

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from multidict import CIMultiDictProxy, istr
 
-from samvad.logs import RequestLogContext
+from samvad.logs import UNMATCHED, RequestLogContext
 
 # istr: looked up in every request's headers, without case-folding the name each time
 REQUEST_ID_HEADER = istr("X-Request-Id")
@@ -66,7 +66,7 @@ def request_log_context(
     headers: CIMultiDictProxy[str],
     project: str,
     ids: Iterator[str] | None = None,
-    route: str = "unmatched",
+    route: str = UNMATCHED,
 ) -> RequestLogContext:
     # Every request passes here: a header that is absent costs one lookup, no regex.
     offered = headers.get(REQUEST_ID_HEADER)

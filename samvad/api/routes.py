@@ -107,7 +107,7 @@ RENDERED = web.AppKey("rendered_bodies", RenderedBodies)
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # over client_max_size: 413, rendered by the middleware
+    raw = await request.read()  # over client_max_size: 413, rendered by the edge
     try:
         data = jsonio.loads(raw)
     except ValueError:

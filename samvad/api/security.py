@@ -108,9 +108,13 @@ POLICIES: dict[tuple[str, str], Policy] = {
 UNLISTED = ADMIN  # secure by default: a route someone forgot to list is not open
 
 
+def table_key(method: str, template: str) -> tuple[str, str]:
+    """The key in POLICIES of the route `method template`: HEAD follows GET."""
+    return ("GET" if method == hdrs.METH_HEAD else method), template
+
+
 def policy_key(route: web.AbstractRoute) -> tuple[str, str]:
-    method = "GET" if route.method == hdrs.METH_HEAD else route.method
-    return method, route.resource.canonical if route.resource is not None else ""
+    return table_key(route.method, route.resource.canonical if route.resource is not None else "")
 
 
 # ---- rate limits --------------------------------------------------------------------------------
